@@ -1,0 +1,20 @@
+# Quick start: `make demo` (set up .venv and run the main job), then `make test`.
+.PHONY: setup demo test lint format
+
+setup:
+	./scripts/setup.sh
+
+demo: setup
+	.venv/bin/upcycle verify tiny-dense tiny-moe
+	.venv/bin/upcycle model info qwen2-57b-a14b
+
+test:
+	.venv/bin/python -m pytest -q -p no:warnings
+
+lint:
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format:
+	.venv/bin/ruff check --fix .
+	.venv/bin/ruff format .

@@ -1,0 +1,67 @@
+"""Shared fixtures: one megatron-core parallel state (one gloo rank) for the whole session, and
+tiny transformers models built in the test (no downloads)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def megatron_state():
+    from upcycle.platform.distributed import single_process
+
+    with single_process():
+        yield
+
+
+def randomise(model: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn.Module:
+    """Give every parameter (norms and biases too) random values, so no mapping hides behind 0/1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+def tiny_qwen2(tmp_path, *, tie: bool = False, kv_heads: int = 2, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
+        rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = randomise(Qwen2ForCausalLM(cfg), seed)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def tiny_qwen2_moe(tmp_path, *, norm_topk_prob: bool = False, layers: int = 2, seed: int = 0):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=80, num_experts=8, num_experts_per_tok=2,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        norm_topk_prob=norm_topk_prob, rope_theta=1e6, max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = randomise(Qwen2MoeForCausalLM(cfg), seed, std=0.2)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def positions(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.arange(tokens.shape[1]).expand_as(tokens)
+
+
+def logits_of(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens, positions(tokens), None)

@@ -1,0 +1,90 @@
+"""Directories that appear whole or not at all, with a manifest of sizes and SHA-256 hashes.
+
+Every writer of checkpoints and exports goes through `atomic_directory`: files are written into a
+hidden sibling folder that is renamed onto the destination only when the writer succeeds, so a
+crash never leaves a half-written checkpoint under the real name. `verify_manifest` detects a
+truncated or corrupted one before anything is loaded from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+class IntegrityError(RuntimeError):
+    """A directory's files do not match its manifest (missing, resized or altered)."""
+
+
+@contextlib.contextmanager
+def atomic_directory(dest: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success write its manifest and rename it to `dest`."""
+    dest = Path(dest).absolute()
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dest} exists and is not empty; choose a new output folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        write_manifest(tmp)
+        if dest.exists():
+            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(dest, old)
+            os.rename(tmp, dest)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(root: Path) -> dict:
+    files = {
+        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in _files(root)
+    }
+    manifest = {"files": files}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+def verify_manifest(root: Path) -> dict:
+    """Check every file against `manifest.json`; raise `IntegrityError` naming the first problem."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise IntegrityError(f"{root}: no {MANIFEST}; the checkpoint is incomplete or not ours")
+    manifest = json.loads(path.read_text())
+    for rel, meta in manifest["files"].items():
+        p = root / rel
+        if not p.is_file():
+            raise IntegrityError(f"{root}: {rel} is listed in the manifest but missing")
+        if p.stat().st_size != meta["bytes"]:
+            raise IntegrityError(
+                f"{root}: {rel} has {p.stat().st_size} bytes, the manifest says {meta['bytes']}"
+            )
+        if _sha256(p) != meta["sha256"]:
+            raise IntegrityError(f"{root}: {rel} does not match its SHA-256 in the manifest")
+    return manifest

@@ -1,0 +1,189 @@
+"""Read and write transformers-format checkpoint folders (config.json + safetensors).
+
+Only safetensors are read: pickle-based files (`pytorch_model.bin`, `*.pt`) can run code when
+loaded, so they are refused with a message saying how to convert them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from upcycle.atomic import atomic_directory
+from upcycle.config import ConfigError, ModelConfig
+from upcycle.dense.hf_weights import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+ENDOFTEXT_ID = 151643
+
+
+def read_hf_config(hf_dir: Path) -> ModelConfig:
+    """Our `ModelConfig` from a transformers `config.json` (model_type qwen2 or qwen2_moe)."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{hf_dir}: no config.json; is this a transformers checkpoint folder?"
+        )
+    hf = json.loads(path.read_text())
+    kind = hf.get("model_type")
+    if kind not in ("qwen2", "qwen2_moe"):
+        raise ConfigError(
+            "model_type", f"{kind!r} is not supported; expected 'qwen2' or 'qwen2_moe'"
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError("hidden_act", f"{hf['hidden_act']!r}: Qwen2 uses 'silu'")
+    if hf.get("use_sliding_window"):
+        raise ConfigError(
+            "use_sliding_window", "sliding-window attention is not supported; set false"
+        )
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(
+            "rope_parameters.rope_type", f"{rope_type!r}: only 'default' is supported"
+        )
+    common = dict(
+        name=Path(hf_dir).name,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        qkv_bias=hf.get("qkv_bias", True),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1_000_000.0))),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        init_std=hf.get("initializer_range", 0.02),
+    )
+    if kind == "qwen2":
+        return ModelConfig(ffn_hidden_size=hf["intermediate_size"], **common)
+    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+        raise ConfigError(
+            "mlp_only_layers",
+            "every layer must be sparse (mlp_only_layers [] and decoder_sparse_step 1)",
+        )
+    return ModelConfig(
+        num_experts=hf["num_experts"],
+        moe_top_k=hf["num_experts_per_tok"],
+        moe_ffn_hidden_size=hf["moe_intermediate_size"],
+        shared_expert_ffn_hidden_size=hf.get("shared_expert_intermediate_size", 0),
+        norm_topk_prob=hf.get("norm_topk_prob", False),
+        router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
+        **common,
+    )
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """The transformers `config.json` for `cfg`."""
+    out = {
+        "architectures": ["Qwen2MoeForCausalLM" if cfg.is_moe else "Qwen2ForCausalLM"],
+        "model_type": "qwen2_moe" if cfg.is_moe else "qwen2",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "use_sliding_window": False,
+        "attention_dropout": 0.0,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if cfg.vocab_size > ENDOFTEXT_ID:
+        out |= {"bos_token_id": ENDOFTEXT_ID, "eos_token_id": ENDOFTEXT_ID}
+    if cfg.is_moe:
+        out |= {
+            "intermediate_size": cfg.shared_expert_ffn_hidden_size or cfg.moe_ffn_hidden_size,
+            "num_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.moe_top_k,
+            "moe_intermediate_size": cfg.moe_ffn_hidden_size,
+            "shared_expert_intermediate_size": cfg.shared_expert_ffn_hidden_size,
+            "norm_topk_prob": cfg.norm_topk_prob,
+            "router_aux_loss_coef": cfg.router_aux_loss_coef,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "qkv_bias": cfg.qkv_bias,
+        }
+    else:
+        out["intermediate_size"] = cfg.ffn_hidden_size
+    return out
+
+
+def _refuse_pickles(hf_dir: Path) -> None:
+    pickles = sorted(p.name for p in hf_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    raise CheckpointError(
+        f"{hf_dir}: no safetensors weights"
+        + (f"; found pickle-based {', '.join(pickles)}, which is refused because loading it can run "
+           "code. Convert it to safetensors first (transformers: model.save_pretrained(out, "
+           "safe_serialization=True))" if pickles else "")
+    )  # fmt: skip
+
+
+def read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a single-file or sharded safetensors checkpoint."""
+    hf_dir = Path(hf_dir)
+    if (hf_dir / INDEX_FILE).is_file():
+        index = json.loads((hf_dir / INDEX_FILE).read_text())
+        files = sorted(set(index["weight_map"].values()))
+    elif (hf_dir / SINGLE_FILE).is_file():
+        files = [SINGLE_FILE]
+    else:
+        _refuse_pickles(hf_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        if not (hf_dir / name).is_file():
+            raise CheckpointError(f"{hf_dir}: shard {name} named in {INDEX_FILE} is missing")
+        with safe_open(hf_dir / name, framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def write_hf_dir(
+    cfg: ModelConfig,
+    tensors: Mapping[str, torch.Tensor],
+    out_dir: Path,
+    *,
+    max_shard_bytes: int = 2 * 1024**3,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write config.json and safetensors (sharded above `max_shard_bytes`) atomically."""
+    dtype = dtype or next(iter(tensors.values())).dtype
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        t = t.detach().to(dtype).contiguous()
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    with atomic_directory(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], tmp / SINGLE_FILE, metadata=meta)
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata=meta)
+                weight_map |= dict.fromkeys(shard, fname)
+                total += sum(t.numel() * t.element_size() for t in shard.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return Path(out_dir)

@@ -1,0 +1,1 @@
+"""Entry points users meet: the `upcycle` CLI and the jobs it runs."""

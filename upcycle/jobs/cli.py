@@ -1,0 +1,144 @@
+"""The `upcycle` command line: thin typed functions over the jobs (their docstrings are --help)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from upcycle.config import ConfigError, ModelConfig, from_name
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+model_app = typer.Typer(no_args_is_help=True, help="Inspect model presets.")
+checkpoint_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints.")
+app.add_typer(model_app, name="model")
+app.add_typer(checkpoint_app, name="checkpoint")
+# Not a terminal (CI, pipes): wide enough that tables are not truncated.
+console = Console(width=None if sys.stdout.isatty() else 160)
+# megatron-core warns at import that Apex / Transformer Engine are absent: expected on CPU.
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+
+
+def _preset(name: str) -> ModelConfig:
+    try:
+        return from_name(name)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e), param_hint="PRESET") from None
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+@model_app.command("info")
+def model_info(
+    preset: str = typer.Argument(..., help="A preset name, e.g. qwen2-57b-a14b"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Total and active parameter counts and bf16 weight bytes, built on the meta device."""
+    from upcycle.moe.model import build_on_meta
+    from upcycle.moe.params import count_parameters
+    from upcycle.platform.distributed import single_process
+
+    cfg = _preset(preset)
+    with single_process():
+        counts = count_parameters(build_on_meta(cfg), cfg)
+    if as_json:
+        print(json.dumps(asdict(counts)))
+        return
+    table = Table(title=f"{cfg.name}")
+    for col in ("total params", "active params", "bf16 weights"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        f"{counts.total_params:,}",
+        f"{counts.active_params:,}",
+        f"{counts.bf16_bytes / 2**30:.2f} GiB",
+    )
+    console.print(table)
+
+
+@checkpoint_app.command("import-hf")
+def import_hf(
+    hf_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="transformers folder"),
+    out_dir: Path = typer.Argument(..., help="new folder for our checkpoint"),
+) -> None:
+    """Convert a transformers Qwen2 / Qwen2-MoE safetensors folder into our checkpoint."""
+    from upcycle.dense.hf_weights import CheckpointError
+    from upcycle.platform.hf_interop import import_hf as run
+
+    try:
+        cfg = run(hf_dir, out_dir)
+    except (CheckpointError, ConfigError, FileExistsError) as e:
+        _fail(str(e))
+    console.print(f"imported {cfg.name} ({'MoE' if cfg.is_moe else 'dense'}) -> {out_dir}")
+
+
+@checkpoint_app.command("export-hf")
+def export_hf(
+    ckpt_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="our checkpoint"),
+    out_dir: Path = typer.Argument(..., help="new folder for the transformers checkpoint"),
+    dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32"),
+    max_shard_gib: float = typer.Option(2.0, help="shard size limit in GiB"),
+) -> None:
+    """Write our checkpoint as transformers safetensors (+ config.json) that transformers loads."""
+    import torch
+
+    from upcycle.atomic import IntegrityError
+    from upcycle.dense.hf_weights import CheckpointError
+    from upcycle.platform.hf_interop import export_hf as run
+
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if dtype not in dtypes:
+        raise typer.BadParameter(f"{dtype!r}; allowed: {', '.join(dtypes)}", param_hint="--dtype")
+    try:
+        cfg = run(
+            ckpt_dir, out_dir, dtype=dtypes[dtype], max_shard_bytes=int(max_shard_gib * 2**30)
+        )
+    except (CheckpointError, ConfigError, IntegrityError, FileExistsError) as e:
+        _fail(str(e))
+    console.print(f"exported {cfg.name} -> {out_dir}")
+
+
+@app.command()
+def verify(
+    presets: list[str] = typer.Argument(
+        None, help="presets to check (default: tiny-dense tiny-moe)"
+    ),
+    seq_len: int = typer.Option(64, min=1, help="tokens of real text to compare on"),
+) -> None:
+    """Check our model against transformers on the same random weights and real text."""
+    from upcycle.jobs.verify import TOLERANCE
+    from upcycle.jobs.verify import verify as run
+
+    table = Table(title=f"upcycle vs transformers (fp32, tolerance {TOLERANCE:g})")
+    for col in ("model", "params", "active", "tokens", "max |dlogit|", "greedy agree", "max |daux|",
+                "ours s", "transformers s", "ok"):  # fmt: skip
+        table.add_column(col, justify="right")
+    ok = True
+    for name in presets or ["tiny-dense", "tiny-moe"]:
+        r = run(_preset(name), seq_len=seq_len)
+        ok &= r.ok
+        aux = "-" if r.aux_loss_diff is None else f"{r.aux_loss_diff:.2e}"
+        table.add_row(
+            r.model, f"{r.params:,}", f"{r.active_params:,}", str(r.tokens), f"{r.max_logit_diff:.2e}",
+            f"{r.greedy_agreement:.0%}", aux, f"{r.seconds_ours:.3f}", f"{r.seconds_transformers:.3f}",
+            "[green]yes[/green]" if r.ok else "[red]NO[/red]",
+        )  # fmt: skip
+    console.print(table)
+    if not ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app(args=sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Qwen2-MoE on megatron-core (routed + gated shared experts) and dense -> MoE upcycling."""

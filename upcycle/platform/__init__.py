@@ -1,0 +1,1 @@
+"""Where Ray meets megatron-core: process groups, the CPU layer, checkpoints, training, tracking."""

@@ -1,0 +1,102 @@
+"""Our checkpoint: a megatron-core dist checkpoint plus our model config and a manifest.
+
+Layout of a checkpoint folder:
+    model.json      the `ModelConfig` it was saved with
+    weights/        megatron-core dist checkpoint (torch_dist): sharded, reshardable on load
+    manifest.json   size and SHA-256 of every file (upcycle.atomic)
+
+Loading verifies the manifest first, then reads the torch.distributed.checkpoint metadata pickle
+with an allow-list unpickler (it holds only shapes, dtypes and offsets), so a checkpoint folder
+handed in by someone else cannot run code when loaded.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.models.gpt import GPTModel
+
+from upcycle.atomic import atomic_directory, verify_manifest
+from upcycle.config import ModelConfig
+from upcycle.dense.hf_weights import CheckpointError
+
+MODEL_CONFIG = "model.json"
+WEIGHTS = "weights"
+_DCP_METADATA = ".metadata"
+_SAFE_MODULE_PREFIXES = ("torch.distributed.checkpoint.", "megatron.core.dist_checkpointing.")
+_SAFE_GLOBALS = {
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles only torch.distributed.checkpoint metadata classes, dtypes and containers."""
+
+    def find_class(self, module: str, name: str):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if dtype or (module, name) in _SAFE_GLOBALS or module.startswith(_SAFE_MODULE_PREFIXES):
+            if "." in name:  # no attribute paths into modules
+                raise pickle.UnpicklingError(f"refusing {module}.{name}")
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
+def check_metadata(weights_dir: Path) -> None:
+    """Refuse a dist checkpoint whose metadata pickle names anything but metadata classes."""
+    path = Path(weights_dir) / _DCP_METADATA
+    if not path.is_file():
+        raise CheckpointError(
+            f"{weights_dir}: no {_DCP_METADATA}; not a megatron-core dist checkpoint"
+        )
+    with open(path, "rb") as f:
+        try:
+            _MetadataUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{path}: unsafe or corrupt checkpoint metadata ({e})") from e
+
+
+def save_checkpoint(model: GPTModel, cfg: ModelConfig, out_dir: Path) -> Path:
+    """Write `model` (any layout) as our checkpoint, atomically."""
+    with atomic_directory(out_dir) as tmp:
+        cfg.save(tmp / MODEL_CONFIG)
+        (tmp / WEIGHTS).mkdir()
+        dist_checkpointing.save(model.sharded_state_dict(), str(tmp / WEIGHTS))
+    return Path(out_dir)
+
+
+def read_model_config(ckpt_dir: Path) -> ModelConfig:
+    path = Path(ckpt_dir) / MODEL_CONFIG
+    if not path.is_file():
+        raise CheckpointError(
+            f"{ckpt_dir}: no {MODEL_CONFIG}; is this an upcycle checkpoint folder?"
+        )
+    return ModelConfig.load(path)
+
+
+def load_checkpoint(model: GPTModel, ckpt_dir: Path) -> None:
+    """Verify `ckpt_dir` and load it into `model` (resharding to the model's layout)."""
+    ckpt_dir = Path(ckpt_dir)
+    verify_manifest(ckpt_dir)
+    check_metadata(ckpt_dir / WEIGHTS)
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir / WEIGHTS))
+    load_state(model, state)
+
+
+def load_state(model: torch.nn.Module, state: dict) -> None:
+    """`load_state_dict` that tolerates only megatron-core's empty `_extra_state` entries."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"state does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )

@@ -1,0 +1,57 @@
+"""`upcycle checkpoint import-hf / export-hf`: transformers folders <-> our checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from upcycle.config import ModelConfig
+from upcycle.dense import hf_io, hf_weights
+from upcycle.moe.model import build_model
+from upcycle.platform.checkpoint import (
+    load_checkpoint,
+    load_state,
+    read_model_config,
+    save_checkpoint,
+)
+from upcycle.platform.distributed import single_process
+
+
+def model_from_hf(hf_dir: Path) -> tuple[ModelConfig, torch.nn.Module]:
+    """Our GPTModel (one process, fp32) with the weights of a transformers folder.
+
+    Parallel state must be initialised (`single_process()`).
+    """
+    cfg = hf_io.read_hf_config(hf_dir)
+    state = hf_weights.to_megatron(cfg, hf_io.read_hf_tensors(hf_dir))
+    model = build_model(cfg)
+    load_state(model, {k: v.float() for k, v in state.items()})
+    return cfg, model
+
+
+def import_hf(hf_dir: Path, out_dir: Path) -> ModelConfig:
+    """Convert a transformers Qwen2 / Qwen2-MoE folder into our checkpoint."""
+    with single_process():
+        cfg, model = model_from_hf(hf_dir)
+        save_checkpoint(model, cfg, out_dir)
+    return cfg
+
+
+def export_hf(
+    ckpt_dir: Path,
+    out_dir: Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> ModelConfig:
+    """Write our checkpoint as a transformers folder (per-expert layout for MoE)."""
+    cfg = read_model_config(ckpt_dir)
+    with single_process():
+        model = build_model(cfg)
+        load_checkpoint(model, ckpt_dir)
+        state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    hf_io.write_hf_dir(
+        cfg, hf_weights.to_hf(cfg, state), out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes
+    )
+    return cfg

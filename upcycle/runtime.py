@@ -1,0 +1,54 @@
+"""What this process can run on: the one place that asks about CUDA and Transformer Engine.
+
+Model code asks `device()` and `te_available()` instead of naming "cuda", so that the CPU
+compatibility layer (`upcycle.platform.cpu`) cannot hide a device bug of ours.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+class MissingDependencyError(RuntimeError):
+    """An optional dependency (a GPU, Transformer Engine) is needed and absent."""
+
+
+def has_cuda() -> bool:
+    # The real answer even after the CPU layer is applied (it does not touch is_available).
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device tensors of this process belong on."""
+    return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")
+
+
+def distributed_backend() -> str:
+    return "nccl" if has_cuda() else "gloo"
+
+
+@functools.cache
+def te_available() -> bool:
+    """True where Transformer Engine imports and a CUDA device exists (the TE layer spec path)."""
+    if not has_cuda():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # a broken TE install raises more than ImportError
+        return False
+    return True
+
+
+def require_te(feature: str) -> None:
+    """Raise a clear error when `feature` needs Transformer Engine on a GPU and it is absent."""
+    if not has_cuda():
+        raise MissingDependencyError(
+            f"{feature} needs a CUDA GPU with Transformer Engine; this machine has no CUDA device"
+        )
+    if not te_available():
+        raise MissingDependencyError(
+            f"{feature} needs Transformer Engine: pip install transformer-engine[pytorch] "
+            "on a CUDA machine (never on a CPU-only one)"
+        )

@@ -105,6 +105,7 @@ def _uneven_worker(rank: int, port: int, queue) -> None:
             results.append(f"{type(e).__name__}: {str(e)[:120]}")
     if rank == 0:
         queue.put(results)
+    dist.destroy_process_group()
 
 
 def _uneven_gather() -> list[str]:
@@ -156,7 +157,8 @@ def main(name: str) -> None:
             results.append("ok")
         except Exception as e:  # noqa: BLE001 - reporting what megatron-core raised
             results.append(f"{type(e).__name__}: {str(e)[:160]}")
-    print(f"WITHOUT: {results[0]}\nWITH: {results[1]}")
+    print(f"WITHOUT: {results[0]}\nWITH: {results[1]}", flush=True)
+    dist.destroy_process_group()  # left to interpreter exit, gloo can abort the process
 
 
 if __name__ == "__main__":

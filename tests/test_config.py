@@ -85,3 +85,11 @@ def test_layout_accepts_a_fitting_model():
     Layout(tp=2, ep=2, sequence_parallel=True).check_model(from_name("tiny-moe"))
     with pytest.raises(ConfigError, match="dense"):
         Layout(ep=2).check_model(from_name("tiny-dense"))
+
+
+def test_fp8_without_transformer_engine_fails_clearly():
+    from upcycle.dense.megatron_config import to_transformer_config
+    from upcycle.runtime import MissingDependencyError
+
+    with pytest.raises(MissingDependencyError, match="fp8='hybrid' needs a CUDA GPU"):
+        to_transformer_config(from_name("tiny-moe"), fp8="hybrid")

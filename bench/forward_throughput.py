@@ -65,7 +65,9 @@ def main() -> None:
             t_ours = _median_seconds(lambda: ours(tokens, positions, None), args.steps)
             t_theirs = _median_seconds(lambda: theirs(tokens), args.steps)
     n = tokens.numel()
-    print(f"{cfg.name}: batch {args.batch}x{args.seq}, {args.threads} threads, median of {args.steps}")
+    print(
+        f"{cfg.name}: batch {args.batch}x{args.seq}, {args.threads} threads, median of {args.steps}"
+    )
     print(f"  upcycle (megatron-core) forward: {n / t_ours:10.0f} tokens/s")
     print(f"  transformers forward:            {n / t_theirs:10.0f} tokens/s")
     print(f"  ratio ours/transformers:         {t_theirs / t_ours:10.2f}x")

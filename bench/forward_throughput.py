@@ -20,9 +20,9 @@ import torch
 warnings.filterwarnings("ignore")
 
 from upcycle.config import ModelConfig, from_name  # noqa: E402
-from upcycle.dense import hf_io, hf_weights  # noqa: E402
 from upcycle.moe.model import build_model  # noqa: E402
 from upcycle.platform.distributed import single_process  # noqa: E402
+from upcycle.platform.hf_interop import transformers_twin  # noqa: E402
 
 # The team's shared benchmark configuration (reference/qwen2.md).
 MOE_BENCH = ModelConfig(
@@ -52,15 +52,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = MOE_BENCH if args.preset == "moe-bench" else from_name(args.preset)
-    from transformers import AutoModelForCausalLM
-
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
     positions = torch.arange(args.seq).expand_as(tokens)
     with single_process(), tempfile.TemporaryDirectory() as tmp:
         ours = build_model(cfg).eval()
-        state = {k: v for k, v in ours.state_dict().items() if isinstance(v, torch.Tensor)}
-        hf_io.write_hf_dir(cfg, hf_weights.to_hf(cfg, state), Path(tmp) / "hf", dtype=torch.float32)
-        theirs = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
+        theirs = transformers_twin(cfg, ours, Path(tmp) / "hf")
         with torch.no_grad():
             t_ours = _median_seconds(lambda: ours(tokens, positions, None), args.steps)
             t_theirs = _median_seconds(lambda: theirs(tokens), args.steps)

@@ -276,11 +276,3 @@ class Layout:
         width = model.moe_ffn_hidden_size if model.is_moe else model.ffn_hidden_size
         if width % (self.etp if model.is_moe else self.tp):
             raise ConfigError("layout.etp", f"FFN width {width} is not divisible by its TP size")
-
-
-def active_fraction_note(model: ModelConfig) -> str:
-    """Human-readable routing summary, e.g. '8 of 64 routed experts + shared'."""
-    if not model.is_moe:
-        return "dense"
-    shared = " + shared" if model.shared_expert_ffn_hidden_size else ""
-    return f"{model.moe_top_k} of {model.num_experts} routed experts{shared}"

@@ -1,6 +1,6 @@
 """What this process can run on: the one place that asks about CUDA and Transformer Engine.
 
-Model code asks `device()` and `te_available()` instead of naming "cuda", so that the CPU
+Model code asks `has_cuda()` and `te_available()` instead of naming "cuda", so that the CPU
 compatibility layer (`upcycle.platform.cpu`) cannot hide a device bug of ours.
 """
 
@@ -18,11 +18,6 @@ class MissingDependencyError(RuntimeError):
 def has_cuda() -> bool:
     # The real answer even after the CPU layer is applied (it does not touch is_available).
     return torch.cuda.is_available()
-
-
-def device() -> torch.device:
-    """The device tensors of this process belong on."""
-    return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")
 
 
 def distributed_backend() -> str:

@@ -136,9 +136,5 @@ def verify(
         raise typer.Exit(1)
 
 
-def main() -> None:
-    app(args=sys.argv[1:])
-
-
 if __name__ == "__main__":
-    main()
+    app()

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from upcycle.config import ModelConfig
-from upcycle.dense import hf_io, hf_weights
 from upcycle.dense.tokenizer import get_tokenizer
 from upcycle.moe import aux_loss
 from upcycle.moe.model import build_model
 from upcycle.moe.params import count_parameters
 from upcycle.platform.distributed import single_process
+from upcycle.platform.hf_interop import transformers_twin
 
 TOLERANCE = 1e-4  # fp32
 
@@ -55,16 +55,12 @@ def _ours(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, f
 
 def verify(cfg: ModelConfig, *, seq_len: int = 64, seed: int = 0) -> Report:
     """Random-initialise `cfg`, hand the same weights to transformers, compare on real text."""
-    from transformers import AutoModelForCausalLM
-
     ids = get_tokenizer().encode(sample_text())[:seq_len]
     tokens = torch.tensor([ids]) % cfg.vocab_size
     with single_process(seed=seed), tempfile.TemporaryDirectory() as tmp:
         ours = build_model(cfg).eval()
         counts = count_parameters(ours, cfg)
-        state = {k: v for k, v in ours.state_dict().items() if isinstance(v, torch.Tensor)}
-        hf_io.write_hf_dir(cfg, hf_weights.to_hf(cfg, state), Path(tmp) / "hf", dtype=torch.float32)
-        theirs = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
+        theirs = transformers_twin(cfg, ours, Path(tmp) / "hf")
         logits, t_ours = _ours(ours, tokens)
         start = time.perf_counter()
         with torch.no_grad():

@@ -30,6 +30,15 @@ def model_from_hf(hf_dir: Path) -> tuple[ModelConfig, torch.nn.Module]:
     return cfg, model
 
 
+def transformers_twin(cfg: ModelConfig, model: torch.nn.Module, folder: Path):
+    """The transformers model holding `model`'s weights (written as fp32 safetensors to `folder`)."""
+    from transformers import AutoModelForCausalLM
+
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    hf_io.write_hf_dir(cfg, hf_weights.to_hf(cfg, state), folder, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
 def import_hf(hf_dir: Path, out_dir: Path) -> ModelConfig:
     """Convert a transformers Qwen2 / Qwen2-MoE folder into our checkpoint."""
     with single_process():

@@ -25,10 +25,13 @@ class IntegrityError(RuntimeError):
 
 
 @contextlib.contextmanager
-def atomic_directory(dest: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder; on success write its manifest and rename it to `dest`."""
+def atomic_directory(dest: Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success write its manifest and rename it to `dest`.
+
+    `dest` may exist only as an empty folder: nothing already written is replaced.
+    """
     dest = Path(dest).absolute()
-    if dest.exists() and any(dest.iterdir()) and not overwrite:
+    if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} exists and is not empty; choose a new output folder")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -37,12 +40,8 @@ def atomic_directory(dest: Path, *, overwrite: bool = False) -> Iterator[Path]:
         yield tmp
         write_manifest(tmp)
         if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(dest, old)
-            os.rename(tmp, dest)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, dest)
+            dest.rmdir()  # empty, checked above
+        os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

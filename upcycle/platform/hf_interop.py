@@ -30,12 +30,17 @@ def model_from_hf(hf_dir: Path) -> tuple[ModelConfig, torch.nn.Module]:
     return cfg, model
 
 
+def hf_tensors(cfg: ModelConfig, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s weights under transformers' names (megatron-core's empty `_extra_state` dropped)."""
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    return hf_weights.to_hf(cfg, state)
+
+
 def transformers_twin(cfg: ModelConfig, model: torch.nn.Module, folder: Path):
     """The transformers model holding `model`'s weights (written as fp32 safetensors to `folder`)."""
     from transformers import AutoModelForCausalLM
 
-    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    hf_io.write_hf_dir(cfg, hf_weights.to_hf(cfg, state), folder, dtype=torch.float32)
+    hf_io.write_hf_dir(cfg, hf_tensors(cfg, model), folder, dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
@@ -59,8 +64,6 @@ def export_hf(
     with single_process():
         model = build_model(cfg)
         load_checkpoint(model, ckpt_dir)
-        state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    hf_io.write_hf_dir(
-        cfg, hf_weights.to_hf(cfg, state), out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes
-    )
+        tensors = hf_tensors(cfg, model)
+    hf_io.write_hf_dir(cfg, tensors, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
     return cfg

@@ -1,12 +1,25 @@
-"""Shared fixtures: one megatron-core parallel state (one gloo rank) for the whole session, and
-tiny transformers models built in the test (no downloads)."""
+"""Shared fixtures: one megatron-core parallel state (one gloo rank) for the whole session, one
+in-process Ray cluster, a prepared corpus of real text (the Python standard library), and tiny
+transformers models built in the test (no downloads)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+
+# Loopback only, no auth prompts, no usage reporting; slow 2-core CI needs a long start timeout.
+os.environ.update(
+    RAY_AUTH_MODE="disabled",
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+    RAY_USAGE_STATS_ENABLED="0",
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="180",
+)
 
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
@@ -17,6 +30,33 @@ def megatron_state():
 
     with single_process():
         yield
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # socket paths must stay short
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        object_store_memory=300 * 1024**2,
+        _temp_dir=temp,
+        log_to_driver=False,
+    )
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def corpus(ray_cluster, tmp_path_factory) -> Path:
+    """~50k tokens of the standard library's source, prepared by the Ray Data job."""
+    from upcycle.jobs.prepare import demo_corpus, prepare
+
+    out = tmp_path_factory.mktemp("corpus") / "stdlib"
+    prepare(demo_corpus()[:16], out, shard_tokens=20_000, progress=False)
+    return out
 
 
 def randomise(model: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn.Module:

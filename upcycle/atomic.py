@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+PART_PREFIX = "manifest.rank-"
 
 
 class IntegrityError(RuntimeError):
@@ -56,27 +57,66 @@ def _sha256(path: Path) -> str:
 
 
 def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return sorted(p for p in root.rglob("*") if p.is_file() and not _is_manifest(p.name))
 
 
-def write_manifest(root: Path) -> dict:
-    files = {
+def _is_manifest(name: str) -> bool:
+    return name == MANIFEST or (name.startswith(PART_PREFIX) and name.endswith(".json"))
+
+
+def _describe(root: Path) -> dict:
+    return {
         str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
         for p in _files(root)
     }
-    manifest = {"files": files}
+
+
+def write_manifest(root: Path) -> dict:
+    manifest = {"files": _describe(root)}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
 
-def verify_manifest(root: Path) -> dict:
-    """Check every file against `manifest.json`; raise `IntegrityError` naming the first problem."""
-    root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
+def write_manifest_part(root: Path, rank: int, world_size: int) -> None:
+    """The manifest of the files one rank wrote into its own folder `root`.
+
+    Sharded checkpoints are written by every rank into a folder of its own and merged by the
+    storage layer (Ray Train uploads all ranks' folders into one); the parts, one per rank,
+    together describe the merged folder.
+    """
+    manifest = {"files": _describe(root), "rank": rank, "world_size": world_size}
+    name = f"{PART_PREFIX}{rank:05d}-of-{world_size:05d}.json"
+    (root / name).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def _listed_files(root: Path) -> dict:
+    """The files the manifest (or the complete set of manifest parts) of `root` lists."""
+    if (root / MANIFEST).is_file():
+        return json.loads((root / MANIFEST).read_text())["files"]
+    parts = sorted(root.glob(f"{PART_PREFIX}*.json"))
+    if not parts:
         raise IntegrityError(f"{root}: no {MANIFEST}; the checkpoint is incomplete or not ours")
-    manifest = json.loads(path.read_text())
-    for rel, meta in manifest["files"].items():
+    files: dict = {}
+    world_size = json.loads(parts[0].read_text())["world_size"]
+    ranks = set()
+    for part in parts:
+        manifest = json.loads(part.read_text())
+        ranks.add(manifest["rank"])
+        files.update(manifest["files"])
+    missing = sorted(set(range(world_size)) - ranks)
+    if missing:
+        raise IntegrityError(
+            f"{root}: manifests of ranks {missing} of {world_size} are missing; "
+            "the checkpoint is incomplete"
+        )
+    return files
+
+
+def verify_manifest(root: Path) -> dict:
+    """Check every file against the manifest; raise `IntegrityError` naming the first problem."""
+    root = Path(root)
+    files = _listed_files(root)
+    for rel, meta in files.items():
         p = root / rel
         if not p.is_file():
             raise IntegrityError(f"{root}: {rel} is listed in the manifest but missing")
@@ -86,4 +126,4 @@ def verify_manifest(root: Path) -> dict:
             )
         if _sha256(p) != meta["sha256"]:
             raise IntegrityError(f"{root}: {rel} does not match its SHA-256 in the manifest")
-    return manifest
+    return {"files": files}

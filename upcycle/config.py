@@ -190,14 +190,15 @@ class Layout:
     """Parallel sizes of one job. `dp=-1` means: whatever the world size leaves.
 
     The world is tp * pp * dp ranks (megatron-core's dense grid); expert parallelism folds
-    ep * etp ranks out of the tp * dp ranks of the same pipeline stage.
+    ep * etp ranks out of the tp * dp ranks of the same pipeline stage. `etp=0` means "the same
+    as tp" (megatron-core's default).
     """
 
     tp: int = 1
     pp: int = 1
     vpp: int = 1
     ep: int = 1
-    etp: int = 1
+    etp: int = 0
     dp: int = -1
     sequence_parallel: bool = False
     micro_batch_size: int = 1
@@ -205,9 +206,11 @@ class Layout:
 
     def resolve(self, world_size: int) -> Layout:
         """The same layout with dp derived from (and checked against) `world_size`."""
-        for name in ("tp", "pp", "vpp", "ep", "etp", "micro_batch_size"):
+        for name in ("tp", "pp", "vpp", "ep", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"layout.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.etp < 0:
+            raise ConfigError("layout.etp", f"must be >= 1 (or 0: same as tp), got {self.etp}")
         model_parallel = self.tp * self.pp
         if world_size % model_parallel:
             raise ConfigError(
@@ -220,10 +223,10 @@ class Layout:
                 "layout.dp",
                 f"{self.dp} does not match world size {world_size} / (tp*pp = {model_parallel}) = {dp}",
             )
-        if (self.tp * dp) % (self.ep * self.etp):
+        if (self.tp * dp) % (self.ep * self.expert_tp):
             raise ConfigError(
                 "layout.ep",
-                f"ep*etp = {self.ep * self.etp} must divide tp*dp = {self.tp * dp} ranks per stage",
+                f"ep*etp = {self.ep * self.expert_tp} must divide tp*dp = {self.tp * dp} ranks per stage",
             )
         step = self.micro_batch_size * dp
         gbs = self.global_batch_size or step
@@ -232,7 +235,12 @@ class Layout:
                 "layout.global_batch_size",
                 f"{self.global_batch_size} must be a multiple of micro_batch_size*dp = {step}",
             )
-        return dataclasses.replace(self, dp=dp, global_batch_size=gbs)
+        return dataclasses.replace(self, dp=dp, etp=self.expert_tp, global_batch_size=gbs)
+
+    @property
+    def expert_tp(self) -> int:
+        """Tensor-parallel size of the experts (`etp`, or tp when etp is 0)."""
+        return self.etp or self.tp
 
     @property
     def world_size(self) -> int:
@@ -271,8 +279,90 @@ class Layout:
                     "layout.sequence_parallel",
                     "must be true when tp > 1 on a MoE model (megatron-core requires it)",
                 )
-        elif self.ep > 1 or self.etp > 1:
-            raise ConfigError("layout.ep", "ep and etp must be 1 for a dense model")
+            if self.ep == 1 and self.expert_tp < self.tp:
+                # megatron-core 0.16.1 tags expert weights for the dense gradient all-reduce when
+                # ep == 1, so with etp < tp their gradients miss the other TP ranks' tokens
+                # (measured: 0.6-0.7x the single-process expert gradients).
+                raise ConfigError(
+                    "layout.etp",
+                    f"etp={self.expert_tp} < tp={self.tp} needs ep > 1; with ep=1 use etp=tp "
+                    "(megatron-core 0.16.1 would reduce the expert gradients over the wrong group)",
+                )
+        elif self.ep > 1 or self.expert_tp not in (1, self.tp):
+            raise ConfigError("layout.ep", "a dense model has no experts: leave ep and etp unset")
         width = model.moe_ffn_hidden_size if model.is_moe else model.ffn_hidden_size
-        if width % (self.etp if model.is_moe else self.tp):
+        if width % (self.expert_tp if model.is_moe else self.tp):
             raise ConfigError("layout.etp", f"FFN width {width} is not divisible by its TP size")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], prefix: str = "layout") -> Layout:
+        return _dataclass_from_dict(cls, data, prefix)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What one training job does: schedule, optimizer, numerics, checkpoints.
+
+    The LR schedule is linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr`
+    at `steps`. `stop_at_step` ends the job early without changing that schedule (a later job
+    with the same name resumes it).
+    """
+
+    steps: int = 20
+    seq_length: int = 128
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 2
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    save_interval: int = 0  # 0: only at the end
+    stop_at_step: int = 0  # 0: run all `steps`
+    token_dispatcher: str = "alltoall"
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    fp8: str | None = None  # hybrid | e4m3 (Transformer Engine on a CUDA device)
+    fp8_recipe: str = "delayed"
+    threads_per_worker: int = 1
+    peak_flops: float = 0.0  # for MFU; 0: the GPU's bf16 peak, or a measured GEMM on CPU
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seq_length", "threads_per_worker"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_interval", "stop_at_step", "clip_grad", "min_lr"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr > self.lr:
+            raise ConfigError("train.lr", f"need 0 <= min_lr <= lr and lr > 0, got {self.lr}")
+        if self.warmup_steps > self.steps:
+            raise ConfigError("train.warmup_steps", f"{self.warmup_steps} > steps ({self.steps})")
+        choices = {
+            "token_dispatcher": ("alltoall", "allgather"),
+            "dtype": ("auto", "fp32", "bf16"),
+            "fp8": (None, "hybrid", "e4m3"),
+            "fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"train.{name}", f"{getattr(self, name)!r}; allowed: {allowed}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], prefix: str = "train") -> TrainConfig:
+        return _dataclass_from_dict(cls, data, prefix)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _dataclass_from_dict(cls, data: dict[str, Any], prefix: str):
+    """Build a config dataclass from a mapping; errors name `prefix.field`."""
+    if not isinstance(data, dict):
+        raise ConfigError(prefix, f"must be a mapping, got {type(data).__name__}")
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown field; valid fields: {names}")
+    return cls(**data)

@@ -20,6 +20,15 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def device() -> torch.device:
+    """Where this process computes: its CUDA device, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if has_cuda() else "cpu"
+
+
 def distributed_backend() -> str:
     return "nccl" if has_cuda() else "gloo"
 

@@ -5,6 +5,11 @@ Layout of a checkpoint folder:
     weights/        megatron-core dist checkpoint (torch_dist): sharded, reshardable on load
     manifest.json   size and SHA-256 of every file (upcycle.atomic)
 
+A training checkpoint is the same folder plus the optimizer state (in the same dist checkpoint,
+under "optimizer") and `train_state.json` (step, LR scheduler, layout); every rank writes the
+files of its shards into a folder of its own with a manifest part (`upcycle.atomic`), and Ray
+Train merges the folders in its storage. Either kind loads as a model with `load_checkpoint`.
+
 Loading verifies the manifest first, then reads the torch.distributed.checkpoint metadata pickle
 with an allow-list unpickler (it holds only shapes, dtypes and offsets), so a checkpoint folder
 handed in by someone else cannot run code when loaded.
@@ -12,19 +17,24 @@ handed in by someone else cannot run code when loaded.
 
 from __future__ import annotations
 
+import json
 import pickle
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.models.gpt import GPTModel
 
-from upcycle.atomic import atomic_directory, verify_manifest
+from upcycle.atomic import IntegrityError, atomic_directory, verify_manifest, write_manifest_part
 from upcycle.config import ModelConfig
 from upcycle.dense.hf_weights import CheckpointError
 
 MODEL_CONFIG = "model.json"
 WEIGHTS = "weights"
+TRAIN_STATE = "train_state.json"
 _DCP_METADATA = ".metadata"
 _SAFE_MODULE_PREFIXES = ("torch.distributed.checkpoint.", "megatron.core.dist_checkpointing.")
 _SAFE_GLOBALS = {
@@ -100,3 +110,64 @@ def load_state(model: torch.nn.Module, state: dict) -> None:
         raise CheckpointError(
             f"state does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
         )
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    return getattr(chunk, "module", chunk)  # megatron-core DDP wraps the GPTModel
+
+
+def _model_state(chunks: Sequence[torch.nn.Module]) -> dict:
+    if len(chunks) == 1:
+        return {"model": _unwrap(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def save_training_state(
+    out_dir: Path,
+    *,
+    chunks: Sequence[torch.nn.Module],
+    optimizer,
+    cfg: ModelConfig,
+    train_state: dict,
+) -> None:
+    """Every rank: write this rank's shards of model + optimizer into its own `out_dir`."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    weights = Path(out_dir) / WEIGHTS
+    weights.mkdir(parents=True, exist_ok=True)
+    state = _model_state(chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(state)
+    dist_checkpointing.save(state, str(weights))
+    if rank == 0:
+        cfg.save(Path(out_dir) / MODEL_CONFIG)
+        (Path(out_dir) / TRAIN_STATE).write_text(json.dumps(train_state, indent=1) + "\n")
+    write_manifest_part(Path(out_dir), rank, world)
+
+
+def load_training_state(ckpt_dir: Path, *, chunks: Sequence[torch.nn.Module], optimizer) -> dict:
+    """Load model and optimizer shards (any layout) from a verified checkpoint; its train state."""
+    ckpt_dir = Path(ckpt_dir)
+    check_metadata(ckpt_dir / WEIGHTS)
+    request = _model_state(chunks)
+    request["optimizer"] = optimizer.sharded_state_dict(request, is_loading=True)
+    loaded = dist_checkpointing.load(request, str(ckpt_dir / WEIGHTS))
+    for i, chunk in enumerate(chunks):
+        load_state(_unwrap(chunk), loaded["model" if len(chunks) == 1 else f"model{i}"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    return json.loads((ckpt_dir / TRAIN_STATE).read_text())
+
+
+def newest_valid(candidates: Sequence[Path]) -> Path | None:
+    """The newest of `candidates` (ordered oldest first) whose manifest verifies.
+
+    A partial or corrupted checkpoint is skipped with a warning naming what is wrong, so a job
+    resumes from the one before it instead of failing or loading damaged state.
+    """
+    for path in reversed(list(candidates)):
+        try:
+            verify_manifest(path)
+            if not (Path(path) / TRAIN_STATE).is_file():
+                raise IntegrityError(f"{path}: no {TRAIN_STATE}; not a training checkpoint")
+            return Path(path)
+        except IntegrityError as e:
+            warnings.warn(f"skipping checkpoint {path}: {e}; trying the one before", stacklevel=2)
+    return None

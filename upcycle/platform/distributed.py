@@ -38,7 +38,7 @@ def init_parallel_state(layout: Layout, *, seed: int = 1234) -> Layout:
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp,
+        expert_tensor_parallel_size=layout.expert_tp,
     )
     model_parallel_cuda_manual_seed(seed)
     return layout

@@ -1,0 +1,103 @@
+"""Training metrics that megatron-core does not report the way we log them.
+
+- `ExpertLoad`: tokens routed to each expert per layer, counted by forward hooks on megatron-core's
+  routers and summed over every rank that saw different tokens (data- and sequence-parallel).
+- `train_flops_per_token` and `peak_flops`: the model-FLOPs-utilisation estimate.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.moe.router import TopKRouter
+
+from upcycle import runtime
+from upcycle.config import ModelConfig
+
+# Dense bf16 peak FLOP/s of accelerators we know (vendor datasheets, without sparsity).
+GPU_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "B200": 2250e12}
+
+
+class ExpertLoad:
+    """Counts tokens per expert per layer across all ranks; reset every step."""
+
+    def __init__(self, cfg: ModelConfig, chunks: list[torch.nn.Module], sequence_parallel: bool):
+        self.cfg = cfg
+        self.sequence_parallel = sequence_parallel
+        self.counts = torch.zeros(cfg.num_layers, max(cfg.num_experts, 1), dtype=torch.float64)
+        self._hooks = [
+            m.register_forward_hook(self._hook)
+            for chunk in chunks
+            for m in chunk.modules()
+            if isinstance(m, TopKRouter)
+        ]
+
+    def _hook(self, router: TopKRouter, _inputs, outputs) -> None:
+        _probs, routing_map = outputs
+        self.counts[router.layer_number - 1] += routing_map.sum(0).to(self.counts)
+
+    def collect(self) -> torch.Tensor:
+        """[layers, experts] tokens routed in the forward passes since the last collect."""
+        counts = self.counts.clone()
+        self.counts.zero_()
+        if not self.cfg.is_moe:
+            return counts[:, :0]
+        dist.all_reduce(counts)  # layers live on one stage; ranks of a stage see distinct tokens
+        if self.sequence_parallel:
+            return counts
+        # Without sequence parallelism every tensor-parallel rank routes the same tokens.
+        return counts / parallel_state.get_tensor_model_parallel_world_size()
+
+    @staticmethod
+    def coefficient_of_variation(counts: torch.Tensor) -> torch.Tensor:
+        """Per layer: std / mean of tokens per expert (0 = perfectly balanced)."""
+        mean = counts.mean(dim=1)
+        return counts.std(dim=1, correction=0) / mean.clamp_min(1e-12)
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
+    """Model FLOPs of one training token (forward + backward = 3x forward).
+
+    Forward: 2 FLOPs per weight that multiplies the token (attention projections, the active
+    experts' and shared expert's SwiGLU, router, LM head; not the embedding lookup) plus
+    attention's QK^T and AV (2 * 2 * seq * q_width per layer, causal masking not discounted).
+    """
+    h, q, kv = (
+        cfg.hidden_size,
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    )
+    attention_weights = h * q + 2 * h * kv + q * h
+    if cfg.is_moe:
+        ffn_width = cfg.moe_top_k * cfg.moe_ffn_hidden_size + cfg.shared_expert_ffn_hidden_size
+        router = h * cfg.num_experts + (h if cfg.shared_expert_ffn_hidden_size else 0)
+    else:
+        ffn_width, router = cfg.ffn_hidden_size, 0
+    per_layer = attention_weights + 3 * h * ffn_width + router
+    weights = cfg.num_layers * per_layer + h * cfg.vocab_size
+    attention = 4 * seq_length * q * cfg.num_layers
+    return 3.0 * (2.0 * weights + attention)
+
+
+def peak_flops() -> float:
+    """Per-device peak FLOP/s: the datasheet bf16 figure on a known GPU; on CPU a measured
+    fp32 GEMM (the best this machine does, so CPU "MFU" reads as the fraction of that)."""
+    if runtime.has_cuda():
+        name = runtime.device_name()
+        for key, value in GPU_BF16_PEAK.items():
+            if key in name:
+                return value
+        return 0.0
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)

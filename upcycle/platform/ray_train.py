@@ -1,0 +1,133 @@
+"""Run a `TrainJob` on a Ray Train worker group: the Ray actors own the TP/PP/EP/DP groups.
+
+Ray Train's `TorchTrainer` places the workers with a placement group, creates the default
+torch.distributed group (gloo on CPU, NCCL on GPU), restarts the group from the last reported
+checkpoint on failure (`FailureConfig`), and stores checkpoints under `storage_path/name`.
+Inside each worker `upcycle.platform.training.train` initialises megatron-core's parallel state
+from the job's layout and trains. The job is validated against the world size before any actor
+starts, so a bad layout costs no cluster time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.fs
+import ray.train
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    Result,
+    RunConfig,
+    ScalingConfig,
+)
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from upcycle import runtime
+from upcycle.platform.checkpoint import newest_valid
+from upcycle.platform.tracking import default_tracking_uri
+from upcycle.platform.training import TrainJob, train
+
+CHECKPOINT_PREFIX = "step_"
+
+
+class RaySink:
+    """Checkpoints reported through `ray.train.report`, one folder per rank merged by Ray."""
+
+    def resume_from(self) -> Path | None:
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            return None
+        fs, parent = latest.filesystem, posixpath.dirname(latest.path.rstrip("/"))
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(parent))
+        paths = sorted(
+            i.path
+            for i in infos
+            if i.type == pyarrow.fs.FileType.Directory
+            and posixpath.basename(i.path).startswith(CHECKPOINT_PREFIX)
+        )
+        if isinstance(fs, pyarrow.fs.LocalFileSystem):
+            return newest_valid([Path(p) for p in paths])
+        local = Path(tempfile.mkdtemp(prefix="upcycle-resume-"))
+        return newest_valid(
+            [
+                Path(Checkpoint(p, fs).to_directory(str(local / posixpath.basename(p))))
+                for p in paths
+            ]
+        )
+
+    def save(self, step: int, metrics: dict, write: Callable[[Path], None]) -> None:
+        with tempfile.TemporaryDirectory(prefix="upcycle-ckpt-") as tmp:
+            write(Path(tmp))
+            ray.train.report(
+                metrics,
+                checkpoint=Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:07d}",
+            )
+
+
+def _worker(config: dict) -> None:
+    from upcycle.platform.cpu import apply_cpu_patches
+
+    apply_cpu_patches()  # in the thread that runs the model (see upcycle.platform.cpu)
+    train(TrainJob.from_dict(config), RaySink())
+
+
+def git_revision() -> str:
+    """The commit of the upcycle source tree, or "unknown" outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def fit(
+    job: TrainJob,
+    *,
+    num_workers: int,
+    storage_path: Path,
+    max_failures: int = 0,
+) -> Result:
+    """Validate `job` for `num_workers` ranks, then train it on a Ray Train worker group.
+
+    A job whose name already has checkpoints under `storage_path` resumes from the newest valid
+    one. The MLflow run's spool lives at `storage_path/name/tracking`.
+    """
+    job.validate(num_workers)
+    storage_path = Path(storage_path).absolute()
+    job = dataclasses.replace(
+        job,
+        tracking_uri=job.tracking_uri or default_tracking_uri(),
+        tracking_dir=job.tracking_dir or str(storage_path / job.name / "tracking"),
+        tags={"git_revision": git_revision(), **job.tags},
+    )
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config=job.to_dict(),
+        torch_config=TorchConfig(backend=runtime.distributed_backend()),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=runtime.has_cuda(),
+            resources_per_worker={"CPU": job.train.threads_per_worker},
+        ),
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(),
+        ),
+    )
+    return trainer.fit()

@@ -1,0 +1,177 @@
+"""MLflow tracking that never stops training and never loses a metric.
+
+Every event (params, tags, metrics, artifacts) is first appended to a local spool file, then
+replayed to MLflow. If the tracking server is unreachable, training goes on, the events wait in
+the spool, and later flushes (or `replay` from another process, `upcycle runs import SPOOL`)
+deliver them. The spool remembers the MLflow run id, so a restarted job continues its run.
+MLflow's fluent API keeps a global active run per process; the client API with an explicit run
+id is what a resumable, replayable log needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+EVENTS = "events.jsonl"
+STATE = "state.json"
+RETRY_AFTER_S = 30.0
+_BATCH = 1000  # MLflow's log_batch limit on metrics per call
+
+
+def default_tracking_uri(workdir: Path | None = None) -> str:
+    """`MLFLOW_TRACKING_URI`, else a SQLite file in the working folder (the embedded default)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(workdir or Path.cwd()).absolute() / 'mlflow.db'}"
+
+
+class RunTracker:
+    """One MLflow run, written through a spool folder (see the module docstring)."""
+
+    def __init__(self, spool_dir: Path, *, tracking_uri: str, experiment: str, run_name: str):
+        self.dir = Path(spool_dir)
+        (self.dir / "artifacts").mkdir(parents=True, exist_ok=True)
+        self.uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        self._retry_at = 0.0
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+    # -- recording -------------------------------------------------------------------------
+    def _append(self, event: dict) -> None:
+        with open(self.dir / EVENTS, "a") as f:
+            f.write(json.dumps(event) + "\n")
+        self.flush()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._append({"kind": "params", "values": {k: str(v)[:6000] for k, v in params.items()}})
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._append({"kind": "tags", "values": {k: str(v) for k, v in tags.items()}})
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        values = {k: float(v) for k, v in metrics.items()}
+        self._append({"kind": "metrics", "step": step, "ts": _now_ms(), "values": values})
+
+    def log_artifact(self, path: Path, name: str | None = None) -> None:
+        """Copy `path` into the spool (it may be temporary), then log it."""
+        name = name or Path(path).name
+        shutil.copyfile(path, self.dir / "artifacts" / name)
+        self._append({"kind": "artifact", "file": name})
+
+    def close(self, status: str = "FINISHED") -> bool:
+        self._append({"kind": "end", "status": status})
+        return self.flush(force=True)
+
+    # -- delivery --------------------------------------------------------------------------
+    def flush(self, *, force: bool = False) -> bool:
+        """Deliver pending events; on failure keep them and retry later. True if all delivered."""
+        if not force and time.monotonic() < self._retry_at:
+            return False
+        try:
+            _deliver(self.dir, self.uri, self.experiment, self.run_name)
+        except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
+            if self._retry_at == 0.0 or force:
+                warnings.warn(
+                    f"MLflow at {self.uri} is unreachable ({type(e).__name__}: {e}); metrics wait "
+                    f"in {self.dir / EVENTS} and are delivered when it is back "
+                    f"(or later with `upcycle runs import {self.dir}`)",
+                    stacklevel=2,
+                )
+            self._retry_at = time.monotonic() + RETRY_AFTER_S
+            return False
+        self._retry_at = 0.0
+        return True
+
+
+def spooled_metrics(spool_dir: Path) -> dict[int, dict[str, float]]:
+    """Per step, the metrics a spool recorded (a resumed step's later values win)."""
+    steps: dict[int, dict[str, float]] = {}
+    path = Path(spool_dir) / EVENTS
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        event = json.loads(line)
+        if event["kind"] == "metrics":
+            steps.setdefault(event["step"], {}).update(event["values"])
+    return dict(sorted(steps.items()))
+
+
+def replay(spool_dir: Path, tracking_uri: str | None = None) -> str:
+    """Deliver a spool's pending events (to its own server, or to `tracking_uri`); the run id."""
+    state = _read_state(Path(spool_dir))
+    uri = tracking_uri or state["tracking_uri"]
+    if tracking_uri and tracking_uri != state["tracking_uri"]:
+        state = {**state, "tracking_uri": uri, "run_id": None, "delivered": 0}
+        _write_state(Path(spool_dir), state)
+    return _deliver(Path(spool_dir), uri, state["experiment"], state["run_name"])
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _read_state(spool: Path) -> dict:
+    path = spool / STATE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_state(spool: Path, state: dict) -> None:
+    tmp = spool / (STATE + ".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, spool / STATE)
+
+
+def _run_id(client: MlflowClient, uri: str, experiment: str, run_name: str) -> str:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        location = None
+        if uri.startswith("sqlite:///"):  # artifacts next to the database, not in the cwd
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        exp_id = client.create_experiment(experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    return client.create_run(exp_id, run_name=run_name).info.run_id
+
+
+def _deliver(spool: Path, uri: str, experiment: str, run_name: str) -> str:
+    state = _read_state(spool)
+    if state.get("tracking_uri") not in (None, uri):
+        state = {"run_id": None, "delivered": 0}
+    client = MlflowClient(tracking_uri=uri)
+    run_id = state.get("run_id")
+    if not run_id:
+        run_id = _run_id(client, uri, experiment, run_name)
+        state = {"run_id": run_id, "delivered": 0}
+    state.update(tracking_uri=uri, experiment=experiment, run_name=run_name)
+    _write_state(spool, state)
+    events_path = spool / EVENTS
+    lines = events_path.read_text().splitlines() if events_path.is_file() else []
+    for line in lines[state["delivered"] :]:
+        _send(client, run_id, spool, json.loads(line))
+        state["delivered"] += 1
+        _write_state(spool, state)
+    return run_id
+
+
+def _send(client: MlflowClient, run_id: str, spool: Path, event: dict) -> None:
+    kind = event["kind"]
+    if kind == "params":
+        client.log_batch(run_id, params=[Param(k, v) for k, v in event["values"].items()])
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in event["values"].items()])
+    elif kind == "metrics":
+        metrics = [Metric(k, v, event["ts"], event["step"]) for k, v in event["values"].items()]
+        for i in range(0, len(metrics), _BATCH):
+            client.log_batch(run_id, metrics=metrics[i : i + _BATCH])
+    elif kind == "artifact":
+        client.log_artifact(run_id, str(spool / "artifacts" / event["file"]))
+    elif kind == "end":
+        client.set_terminated(run_id, event["status"])

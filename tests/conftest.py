@@ -59,6 +59,19 @@ def corpus(ray_cluster, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def references(corpus, tmp_path_factory):
+    """Per tiny preset: (base job, single-process per-step metrics, its folder)."""
+    from training_reference import reference_job, run_locally
+
+    out = {}
+    for name in ("tiny-dense", "tiny-moe"):
+        root = tmp_path_factory.mktemp(name)
+        job = reference_job(name, corpus, root)
+        out[name] = (job, run_locally(job, root / "reference"), root)
+    return out
+
+
 def randomise(model: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn.Module:
     """Give every parameter (norms and biases too) random values, so no mapping hides behind 0/1."""
     g = torch.Generator().manual_seed(seed)

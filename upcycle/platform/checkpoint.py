@@ -35,6 +35,9 @@ from upcycle.dense.hf_weights import CheckpointError
 MODEL_CONFIG = "model.json"
 WEIGHTS = "weights"
 TRAIN_STATE = "train_state.json"
+# Optimizer state keyed like the model's, whether or not megatron-core chains a dense and an
+# expert optimizer (it does when EP > 1), so it reshards between any layouts.
+_OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True}
 _DCP_METADATA = ".metadata"
 _SAFE_MODULE_PREFIXES = ("torch.distributed.checkpoint.", "megatron.core.dist_checkpointing.")
 _SAFE_GLOBALS = {
@@ -135,7 +138,7 @@ def save_training_state(
     weights = Path(out_dir) / WEIGHTS
     weights.mkdir(parents=True, exist_ok=True)
     state = _model_state(chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(state)
+    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIMIZER_METADATA)
     dist_checkpointing.save(state, str(weights))
     if rank == 0:
         cfg.save(Path(out_dir) / MODEL_CONFIG)
@@ -148,19 +151,53 @@ def load_training_state(ckpt_dir: Path, *, chunks: Sequence[torch.nn.Module], op
     ckpt_dir = Path(ckpt_dir)
     check_metadata(ckpt_dir / WEIGHTS)
     request = _model_state(chunks)
-    request["optimizer"] = optimizer.sharded_state_dict(request, is_loading=True)
+    request["optimizer"] = optimizer.sharded_state_dict(
+        request, is_loading=True, metadata=_OPTIMIZER_METADATA
+    )
     loaded = dist_checkpointing.load(request, str(ckpt_dir / WEIGHTS))
     for i, chunk in enumerate(chunks):
         load_state(_unwrap(chunk), loaded["model" if len(chunks) == 1 else f"model{i}"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    template = optimizer.sharded_state_dict(
+        _model_state(chunks), is_loading=True, metadata=_OPTIMIZER_METADATA
+    )
+    optimizer.load_state_dict(_fit_optimizer_state(loaded["optimizer"], template))
     return json.loads((ckpt_dir / TRAIN_STATE).read_text())
 
 
-def newest_valid(candidates: Sequence[Path]) -> Path | None:
+def _fit_optimizer_state(loaded: dict, template: dict) -> dict:
+    """Shape loaded optimizer state like this layout's optimizer expects it.
+
+    megatron-core chains a dense and an expert optimizer when EP > 1 and uses one otherwise; the
+    per-parameter tensors reshard by key either way, but the small common part (param groups,
+    the shared Adam step) keeps the structure of the layout that saved it. Param groups are
+    rebuilt from this optimizer (the LR scheduler sets lr on resume), the step is carried over.
+    """
+    subs = {None: loaded} if "state" in template else {k: loaded[k] for k in sorted(template)}
+    steps = [
+        d["state"]["common_step"]
+        for d in [loaded, *(v for k, v in loaded.items() if isinstance(k, int))]
+        if isinstance(d, dict) and "common_step" in d.get("state", {})
+    ]
+
+    def fit(sub: dict, tmpl: dict) -> dict:
+        state = {k: v for k, v in sub["state"].items() if k != "common_step"}
+        if steps:
+            state["common_step"] = steps[0]
+        groups = [{**g, "params": g["params"].unwrap()} for g in tmpl["param_groups"]]
+        return {"state": state, "param_groups": groups}
+
+    if None in subs:
+        return fit(loaded, template)
+    return {k: fit(sub, template[k]) for k, sub in subs.items()}
+
+
+def newest_valid(candidates: Sequence[Path], *, set_aside: bool = False) -> Path | None:
     """The newest of `candidates` (ordered oldest first) whose manifest verifies.
 
     A partial or corrupted checkpoint is skipped with a warning naming what is wrong, so a job
-    resumes from the one before it instead of failing or loading damaged state.
+    resumes from the one before it instead of failing or loading damaged state. With
+    `set_aside`, skipped ones are renamed to `NAME.damaged` (kept for inspection, out of the way
+    of the run that re-saves that step).
     """
     for path in reversed(list(candidates)):
         try:
@@ -170,4 +207,6 @@ def newest_valid(candidates: Sequence[Path]) -> Path | None:
             return Path(path)
         except IntegrityError as e:
             warnings.warn(f"skipping checkpoint {path}: {e}; trying the one before", stacklevel=2)
+            if set_aside:
+                Path(path).rename(Path(path).with_name(f"{Path(path).name}.damaged"))
     return None

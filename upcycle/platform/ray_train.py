@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyarrow.fs
 import ray.train
+import torch.distributed as dist
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -51,9 +52,12 @@ class RaySink:
             for i in infos
             if i.type == pyarrow.fs.FileType.Directory
             and posixpath.basename(i.path).startswith(CHECKPOINT_PREFIX)
+            and posixpath.basename(i.path)[-1].isdigit()
         )
         if isinstance(fs, pyarrow.fs.LocalFileSystem):
-            return newest_valid([Path(p) for p in paths])
+            chosen = newest_valid([Path(p) for p in paths], set_aside=dist.get_rank() == 0)
+            dist.barrier()  # damaged ones are out of the way before anyone saves that step again
+            return chosen
         local = Path(tempfile.mkdtemp(prefix="upcycle-resume-"))
         return newest_valid(
             [

@@ -43,6 +43,12 @@ class RunTracker:
         (self.dir / "artifacts").mkdir(parents=True, exist_ok=True)
         self.uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
         self._retry_at = 0.0
+        if not _read_state(self.dir):  # a new spool; a restarted job keeps its run
+            _write_state(
+                self.dir,
+                {"tracking_uri": tracking_uri, "experiment": experiment, "run_name": run_name,
+                 "run_id": None, "delivered": 0},
+            )  # fmt: skip
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
@@ -107,11 +113,14 @@ def spooled_metrics(spool_dir: Path) -> dict[int, dict[str, float]]:
 def replay(spool_dir: Path, tracking_uri: str | None = None) -> str:
     """Deliver a spool's pending events (to its own server, or to `tracking_uri`); the run id."""
     state = _read_state(Path(spool_dir))
-    uri = tracking_uri or state["tracking_uri"]
-    if tracking_uri and tracking_uri != state["tracking_uri"]:
-        state = {**state, "tracking_uri": uri, "run_id": None, "delivered": 0}
-        _write_state(Path(spool_dir), state)
-    return _deliver(Path(spool_dir), uri, state["experiment"], state["run_name"])
+    if not state:
+        raise FileNotFoundError(f"{spool_dir} is not a tracking spool (no {STATE})")
+    return _deliver(
+        Path(spool_dir),
+        tracking_uri or state["tracking_uri"],
+        state["experiment"],
+        state["run_name"],
+    )
 
 
 def _now_ms() -> int:
@@ -143,15 +152,14 @@ def _run_id(client: MlflowClient, uri: str, experiment: str, run_name: str) -> s
 
 def _deliver(spool: Path, uri: str, experiment: str, run_name: str) -> str:
     state = _read_state(spool)
-    if state.get("tracking_uri") not in (None, uri):
+    if state.get("tracking_uri") != uri:  # delivering to another store: a new run there
         state = {"run_id": None, "delivered": 0}
-    client = MlflowClient(tracking_uri=uri)
-    run_id = state.get("run_id")
-    if not run_id:
-        run_id = _run_id(client, uri, experiment, run_name)
-        state = {"run_id": run_id, "delivered": 0}
     state.update(tracking_uri=uri, experiment=experiment, run_name=run_name)
+    client = MlflowClient(tracking_uri=uri)
+    if not state.get("run_id"):
+        state.update(run_id=_run_id(client, uri, experiment, run_name), delivered=0)
     _write_state(spool, state)
+    run_id = state["run_id"]
     events_path = spool / EVENTS
     lines = events_path.read_text().splitlines() if events_path.is_file() else []
     for line in lines[state["delivered"] :]:
@@ -164,7 +172,15 @@ def _deliver(spool: Path, uri: str, experiment: str, run_name: str) -> str:
 def _send(client: MlflowClient, run_id: str, spool: Path, event: dict) -> None:
     kind = event["kind"]
     if kind == "params":
-        client.log_batch(run_id, params=[Param(k, v) for k, v in event["values"].items()])
+        # MLflow params are write-once: a resumed job that changed one records it as a tag.
+        logged = client.get_run(run_id).data.params
+        new = {k: v for k, v in event["values"].items() if k not in logged}
+        changed = {f"changed.{k}": v for k, v in event["values"].items() if logged.get(k, v) != v}
+        client.log_batch(
+            run_id,
+            params=[Param(k, v) for k, v in new.items()],
+            tags=[RunTag(k, v) for k, v in changed.items()],
+        )
     elif kind == "tags":
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in event["values"].items()])
     elif kind == "metrics":

@@ -116,7 +116,7 @@ class LocalSink:
         self.root = Path(out) / "checkpoints"
 
     def resume_from(self) -> Path | None:
-        return newest_valid(sorted(self.root.glob("step_*")))
+        return newest_valid(sorted(self.root.glob("step_*[0-9]")), set_aside=True)
 
     def save(self, step: int, metrics: dict, write: Callable[[Path], None]) -> None:
         with atomic_directory(self.root / f"step_{step:07d}") as tmp:

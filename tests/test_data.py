@@ -77,7 +77,9 @@ def test_data_parallel_ranks_split_the_same_global_batch_and_resume_exactly(corp
         split = np.concatenate([b.tokens.numpy() for r in two for b in r.step(step)])
         assert (whole == split).all()
     fresh = StepBatches(ds, dp_rank=0, dp_size=1, **kw)  # a resumed job starts at step 5
-    assert all((a.tokens == b.tokens).all() for a, b in zip(fresh.step(5), one.step(5)))
+    assert all(
+        (a.tokens == b.tokens).all() for a, b in zip(fresh.step(5), one.step(5), strict=True)
+    )
     b = one.step(0)[0]
     assert (b.labels[:, :-1] == b.tokens[:, 1:]).all()  # labels are the next tokens
     assert one.num_microbatches == 4 and two[0].num_microbatches == 2

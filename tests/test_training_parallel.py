@@ -18,7 +18,6 @@ from upcycle.config import Layout
 from upcycle.platform.ray_train import fit
 from upcycle.platform.tracking import spooled_metrics
 
-
 CASES = [
     ("tiny-dense", dict(tp=2, sequence_parallel=True), 2, "alltoall"),
     ("tiny-dense", dict(pp=2), 2, "alltoall"),

@@ -17,8 +17,12 @@ from upcycle.config import ConfigError, ModelConfig, from_name
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 model_app = typer.Typer(no_args_is_help=True, help="Inspect model presets.")
 checkpoint_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
+runs_app = typer.Typer(no_args_is_help=True, help="MLflow runs.")
 app.add_typer(model_app, name="model")
 app.add_typer(checkpoint_app, name="checkpoint")
+app.add_typer(data_app, name="data")
+app.add_typer(runs_app, name="runs")
 # Not a terminal (CI, pipes): wide enough that tables are not truncated.
 console = Console(width=None if sys.stdout.isatty() else 160)
 # megatron-core warns at import that Apex / Transformer Engine are absent: expected on CPU.
@@ -104,6 +108,70 @@ def export_hf(
     except (CheckpointError, ConfigError, IntegrityError, FileExistsError) as e:
         _fail(str(e))
     console.print(f"exported {cfg.name} -> {out_dir}")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    out_dir: Path = typer.Argument(..., help="new folder for the token shards"),
+    sources: list[Path] = typer.Argument(
+        None, help="text / JSONL / Parquet files or folders (default: Python's stdlib source)"
+    ),
+    text_field: str = typer.Option("text", help="JSONL key or Parquet column holding the text"),
+    shard_tokens: int = typer.Option(1 << 22, help="tokens per shard"),
+) -> None:
+    """Tokenize a corpus with Ray Data into Arrow token shards with a manifest."""
+    from upcycle.jobs.prepare import demo_corpus, prepare
+    from upcycle.platform.cluster import ensure_ray
+
+    ensure_ray()
+    try:
+        meta = prepare(
+            sources or demo_corpus(), out_dir, text_field=text_field, shard_tokens=shard_tokens
+        )
+    except (ConfigError, FileExistsError) as e:
+        _fail(str(e))
+    console.print(
+        f"{meta['documents']:,} documents -> {meta['num_tokens']:,} tokens in "
+        f"{len(meta['shards'])} shard(s) at {out_dir}"
+    )
+
+
+@app.command()
+def train(
+    spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="job spec (YAML)"),
+    workers: int = typer.Option(1, min=1, help="Ray Train workers (ranks)"),
+    storage: Path = typer.Option(Path("runs"), help="where checkpoints and run state go"),
+    max_failures: int = typer.Option(1, min=0, help="restarts from the last checkpoint"),
+) -> None:
+    """Train (or resume) the job in SPEC on a Ray Train worker group; tracked in MLflow."""
+    import yaml
+
+    from upcycle.platform.cluster import ensure_ray
+    from upcycle.platform.ray_train import fit
+    from upcycle.platform.training import TrainJob
+
+    try:
+        job = TrainJob.from_dict(yaml.safe_load(spec.read_text()) or {})
+        job.validate(workers)
+    except (ConfigError, yaml.YAMLError, TypeError) as e:
+        _fail(f"{spec}: {e}")
+    ensure_ray()
+    result = fit(job, num_workers=workers, storage_path=storage, max_failures=max_failures)
+    if result.error is not None:
+        _fail(f"training failed: {result.error}")
+    metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()}
+    console.print(f"{job.name}: {metrics}; checkpoint {result.checkpoint.path}")
+
+
+@runs_app.command("import")
+def runs_import(
+    spool: Path = typer.Argument(..., exists=True, file_okay=False, help="a run's tracking folder"),
+    tracking_uri: str = typer.Option(None, help="deliver here instead of the run's own server"),
+) -> None:
+    """Deliver a run's spooled metrics (kept while MLflow was unreachable) to MLflow."""
+    from upcycle.platform.tracking import replay
+
+    console.print(f"delivered to run {replay(spool, tracking_uri)}")
 
 
 @app.command()

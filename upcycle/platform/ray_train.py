@@ -112,8 +112,12 @@ def fit(
     """
     job.validate(num_workers)
     storage_path = Path(storage_path).absolute()
+    absolute = lambda p: str(Path(p).absolute()) if p else p  # noqa: E731  workers' cwd differs
     job = dataclasses.replace(
         job,
+        data=absolute(job.data),
+        init_from=absolute(job.init_from),
+        resume_from=absolute(job.resume_from),
         tracking_uri=job.tracking_uri or default_tracking_uri(),
         tracking_dir=job.tracking_dir or str(storage_path / job.name / "tracking"),
         tags={"git_revision": git_revision(), **job.tags},

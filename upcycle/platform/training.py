@@ -72,15 +72,20 @@ class TrainJob:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainJob:
-        d = dict(d)
-        model = d.pop("model")
-        model = from_name(model) if isinstance(model, str) else ModelConfig.from_dict(model)
-        layout = Layout.from_dict(d.pop("layout", {}))
-        train = TrainConfig.from_dict(d.pop("train", {}))
+        if not isinstance(d, dict):
+            raise ConfigError("job", f"must be a mapping, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(unknown[0], f"unknown field; valid fields: {sorted(names)}")
+        for required in ("model", "data"):
+            if required not in d:
+                raise ConfigError(required, "missing; it has no default")
+        d = dict(d)
+        model = d.pop("model")
+        model = from_name(model) if isinstance(model, str) else ModelConfig.from_dict(model)
+        layout = Layout.from_dict(d.pop("layout", None) or {})
+        train = TrainConfig.from_dict(d.pop("train", None) or {})
         return cls(model=model, layout=layout, train=train, **d)
 
     def validate(self, world_size: int) -> Layout:
@@ -205,9 +210,16 @@ class _RunLog:
             spec.write_text(json.dumps(job.to_dict(), indent=1))
             self.tracker.log_artifact(spec)
 
-    def metrics(self, step: int, values: dict[str, float]) -> None:
+    def metrics(self, step: int, steps: int, values: dict[str, float]) -> None:
         if self.tracker:
             self.tracker.log_metrics(step, values)
+            aux = f" aux {values['aux_loss']:.4f}" if "aux_loss" in values else ""
+            print(
+                f"step {step}/{steps} loss {values['loss']:.4f}{aux} grad norm "
+                f"{values['grad_norm']:.3f} lr {values['lr']:.2e} "
+                f"{values['tokens_per_s']:,.0f} tok/s",
+                flush=True,
+            )
 
     def finish(self, cfg: ModelConfig, expert_tokens: torch.Tensor) -> None:
         if not self.tracker:
@@ -359,7 +371,7 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
                 metrics[f"expert_cv/layer_{layer}"] = cv
                 for e, n in enumerate(counts[layer].tolist()):
                     metrics[f"expert_tokens/layer_{layer}/expert_{e}"] = n
-        run_log.metrics(step + 1, metrics)
+        run_log.metrics(step + 1, t.steps, metrics)
         done = step + 1
         if done == end or (t.save_interval and done % t.save_interval == 0):
             train_state = {

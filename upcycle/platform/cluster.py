@@ -1,0 +1,37 @@
+"""Connect to Ray: the cluster a job was submitted to, or an in-process one on this machine.
+
+The local defaults are the ones measured on small machines (shared/ENVIRONMENT.md): loopback only,
+no auth tokens, no usage reporting, no dashboard, a short temp dir (socket paths must stay under
+107 characters) and a long worker-group start timeout for loaded 2-core boxes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import ray
+
+LOCAL_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180",
+}
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join `RAY_ADDRESS` if set, else start Ray in this process (no-op if already connected)."""
+    if ray.is_initialized():
+        return
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    ray.init(
+        num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+        include_dashboard=False,
+        object_store_memory=300 * 1024**2,
+        _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
+    )

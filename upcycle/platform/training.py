@@ -134,7 +134,7 @@ def _dtype(train: TrainConfig) -> torch.dtype:
     return torch.float32
 
 
-def _build_chunks(job: TrainJob, layout: Layout, tconfig) -> list[torch.nn.Module]:
+def build_chunks(model_cfg: ModelConfig, layout: Layout, tconfig) -> list[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage), each wrapped in megatron DDP."""
     vpp = layout.vpp if layout.vpp > 1 else None
     ddp_config = DistributedDataParallelConfig(
@@ -146,7 +146,7 @@ def _build_chunks(job: TrainJob, layout: Layout, tconfig) -> list[torch.nn.Modul
     for vp in range(vpp or 1):
         stage = vp if vpp else None
         model = build_model(
-            job.model,
+            model_cfg,
             tconfig,
             pre_process=parallel_state.is_pipeline_first_stage(
                 ignore_virtual=not vpp, vp_stage=stage
@@ -165,7 +165,27 @@ def _build_chunks(job: TrainJob, layout: Layout, tconfig) -> list[torch.nn.Modul
     return chunks
 
 
-def _forward_step(data_iterator, model):
+def build_optimizer(chunks: list[torch.nn.Module], t: TrainConfig, tconfig):
+    """megatron-core's Adam over the chunks (the distributed optimizer where CUDA is)."""
+    return get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=tconfig.bf16,
+            params_dtype=tconfig.params_dtype,
+            use_distributed_optimizer=runtime.has_cuda(),
+        ),
+        chunks,
+    )
+
+
+def forward_step(data_iterator, model):
     batch: Batch = next(data_iterator)
     device = runtime.device()
     output = model(
@@ -269,23 +289,8 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
     )
     tconfig.finalize_model_grads_func = finalize_model_grads
     aux_loss.reset()
-    chunks = _build_chunks(job, layout, tconfig)
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=t.lr,
-            min_lr=t.min_lr,
-            weight_decay=t.weight_decay,
-            adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2,
-            adam_eps=t.adam_eps,
-            clip_grad=t.clip_grad,
-            bf16=tconfig.bf16,
-            params_dtype=tconfig.params_dtype,
-            use_distributed_optimizer=runtime.has_cuda(),
-        ),
-        chunks,
-    )
+    chunks = build_chunks(job.model, layout, tconfig)
+    optimizer = build_optimizer(chunks, t, tconfig)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
@@ -344,7 +349,7 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
         optimizer.zero_grad()
         micro = batches.step(step)
         losses = forward_backward(
-            forward_step_func=_forward_step,
+            forward_step_func=forward_step,
             data_iterator=[iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro),
             model=chunks,
             num_microbatches=n_micro,

@@ -1,0 +1,155 @@
+"""Training-step tokens/s of our megatron-core stack vs transformers, on the same config and weights.
+
+    .venv/bin/python bench/train_throughput.py [--preset moe-bench|tiny-moe] [--steps 4]
+
+In one process, with the same batch and thread count:
+1. a training step (forward + backward + Adam) of ours (megatron-core GPTModel, DDP, megatron
+   optimizer, forward-backward schedule: what `upcycle train` runs per rank) and of transformers'
+   `Qwen2MoeForCausalLM` (+ torch AdamW) built from the same weights; medians and their ratio;
+2. the MoE layer (router + routed + shared experts) forward + backward vs a dense SwiGLU layer of
+   the same active FLOPs (width top_k * expert width + shared width); the ratio;
+3. the achieved FLOP/s of both training steps vs a plain fp32 GEMM on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from forward_throughput import MOE_BENCH  # noqa: E402
+from megatron.core.distributed import finalize_model_grads  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+
+from upcycle.config import TrainConfig, from_name  # noqa: E402
+from upcycle.dense.megatron_config import to_transformer_config  # noqa: E402
+from upcycle.moe.model import build_model  # noqa: E402
+from upcycle.platform.data import Batch  # noqa: E402
+from upcycle.platform.distributed import single_process  # noqa: E402
+from upcycle.platform.hf_interop import transformers_twin  # noqa: E402
+from upcycle.platform.metrics import train_flops_per_token  # noqa: E402
+from upcycle.platform.training import build_chunks, build_optimizer, forward_step  # noqa: E402
+
+
+def median_seconds(fn, steps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def our_step(cfg, layout, batch: Batch):
+    tconfig = to_transformer_config(cfg, layout)
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    chunks = build_chunks(cfg, layout, tconfig)
+    optimizer = build_optimizer(chunks, TrainConfig(lr=1e-4, clip_grad=1.0), tconfig)
+    schedule = get_forward_backward_func()
+    b, s = batch.tokens.shape
+
+    def step():
+        chunks[0].zero_grad_buffer()
+        optimizer.zero_grad()
+        schedule(
+            forward_step_func=forward_step,
+            data_iterator=iter([batch]),
+            model=chunks,
+            num_microbatches=1,
+            seq_length=s,
+            micro_batch_size=b,
+        )
+        optimizer.step()
+
+    return chunks[0].module, step
+
+
+def their_step(model, batch: Batch):
+    model.config.output_router_logits = True  # the aux loss, as ours computes it
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        out = model(input_ids=batch.tokens, labels=batch.tokens)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return step
+
+
+def layer_fwd_bwd(cfg, tokens: int, steps: int) -> tuple[float, float]:
+    """Median seconds of the MoE layer and of a dense SwiGLU layer with its active FLOPs."""
+    dense_width = cfg.moe_top_k * cfg.moe_ffn_hidden_size + cfg.shared_expert_ffn_hidden_size
+    dense = cfg.replace(
+        name="dense-equivalent", num_experts=0, moe_top_k=0, moe_ffn_hidden_size=0,
+        shared_expert_ffn_hidden_size=0, ffn_hidden_size=dense_width,
+    )  # fmt: skip
+    timings = []
+    for c in (cfg.replace(num_layers=1), dense.replace(num_layers=1)):
+        mlp = build_model(c).decoder.layers[0].mlp
+        x = torch.randn(tokens, 1, c.hidden_size, requires_grad=True)
+
+        def fwd_bwd(mlp=mlp, x=x):
+            out, _bias = mlp(x)
+            out.sum().backward()
+
+        timings.append(median_seconds(fwd_bwd, steps))
+    return timings[0], timings[1]
+
+
+def gemm_flops(m: int, k: int, n: int, steps: int) -> float:
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    return 2 * m * k * n / median_seconds(lambda: a @ b, steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="moe-bench")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = MOE_BENCH if args.preset == "moe-bench" else from_name(args.preset)
+    g = torch.Generator().manual_seed(0)
+    window = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
+    batch = Batch(tokens=window[:, :-1].contiguous(), labels=window[:, 1:].contiguous())
+    n = batch.tokens.numel()
+    with single_process() as layout, tempfile.TemporaryDirectory() as tmp:
+        model, ours = our_step(cfg, layout, batch)
+        theirs = their_step(transformers_twin(cfg, model, Path(tmp) / "hf"), batch)
+        t_ours = median_seconds(ours, args.steps)
+        t_theirs = median_seconds(theirs, args.steps)
+        t_moe, t_dense = layer_fwd_bwd(cfg, n, args.steps)
+    flops = train_flops_per_token(cfg, args.seq) * n
+    gemm = gemm_flops(n, cfg.hidden_size, 4 * cfg.hidden_size, args.steps)
+    print(f"{cfg.name}: batch {args.batch}x{args.seq}, {args.threads} threads, median of {args.steps}")
+    print(f"  training step, upcycle (megatron-core): {n / t_ours:9.0f} tokens/s")
+    print(f"  training step, transformers:            {n / t_theirs:9.0f} tokens/s")
+    print(f"  ratio ours/transformers:                {t_theirs / t_ours:9.2f}x   (target >= 2)")
+    print(f"  MoE layer fwd+bwd:                      {t_moe * 1e3:9.1f} ms")
+    print(f"  dense layer, same active FLOPs:         {t_dense * 1e3:9.1f} ms")
+    print(f"  ratio MoE/dense:                        {t_moe / t_dense:9.2f}x   (target <= 1.3)")
+    print(f"  achieved, ours:                         {flops / t_ours / 1e9:9.1f} GFLOP/s")
+    print(f"  achieved, transformers:                 {flops / t_theirs / 1e9:9.1f} GFLOP/s")
+    print(
+        f"  plain fp32 GEMM {n}x{cfg.hidden_size}x{4 * cfg.hidden_size}: "
+        f"{gemm / 1e9:9.1f} GFLOP/s (ours reach {flops / t_ours / gemm:.0%} of it)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -37,7 +37,7 @@ from upcycle.platform.data import Batch  # noqa: E402
 from upcycle.platform.distributed import single_process  # noqa: E402
 from upcycle.platform.hf_interop import transformers_twin  # noqa: E402
 from upcycle.platform.metrics import train_flops_per_token  # noqa: E402
-from upcycle.platform.training import build_chunks, build_optimizer, forward_step  # noqa: E402
+from upcycle.platform.step import build_chunks, build_optimizer, forward_step  # noqa: E402
 
 
 def median_seconds(fn, steps: int) -> float:
@@ -136,7 +136,9 @@ def main() -> None:
         t_moe, t_dense = layer_fwd_bwd(cfg, n, args.steps)
     flops = train_flops_per_token(cfg, args.seq) * n
     gemm = gemm_flops(n, cfg.hidden_size, 4 * cfg.hidden_size, args.steps)
-    print(f"{cfg.name}: batch {args.batch}x{args.seq}, {args.threads} threads, median of {args.steps}")
+    print(
+        f"{cfg.name}: batch {args.batch}x{args.seq}, {args.threads} threads, median of {args.steps}"
+    )
     print(f"  training step, upcycle (megatron-core): {n / t_ours:9.0f} tokens/s")
     print(f"  training step, transformers:            {n / t_theirs:9.0f} tokens/s")
     print(f"  ratio ours/transformers:                {t_theirs / t_ours:9.2f}x   (target >= 2)")

@@ -21,12 +21,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -35,17 +30,17 @@ from upcycle.atomic import atomic_directory
 from upcycle.config import ConfigError, Layout, ModelConfig, TrainConfig, from_name
 from upcycle.dense.megatron_config import to_transformer_config
 from upcycle.moe import aux_loss
-from upcycle.moe.model import build_model
 from upcycle.platform.checkpoint import (
     load_checkpoint,
     load_training_state,
     newest_valid,
     save_training_state,
 )
-from upcycle.platform.data import Batch, StepBatches, TokenDataset
+from upcycle.platform.data import StepBatches, TokenDataset
 from upcycle.platform.distributed import init_parallel_state
 from upcycle.platform.metrics import ExpertLoad, peak_flops, train_flops_per_token
 from upcycle.platform.plots import expert_load_heatmap
+from upcycle.platform.step import build_chunks, build_optimizer, forward_step, param_dtype
 from upcycle.platform.tracking import RunTracker
 
 
@@ -126,77 +121,6 @@ class LocalSink:
     def save(self, step: int, metrics: dict, write: Callable[[Path], None]) -> None:
         with atomic_directory(self.root / f"step_{step:07d}") as tmp:
             write(tmp)
-
-
-def _dtype(train: TrainConfig) -> torch.dtype:
-    if train.dtype == "bf16" or (train.dtype == "auto" and runtime.has_cuda()):
-        return torch.bfloat16
-    return torch.float32
-
-
-def build_chunks(model_cfg: ModelConfig, layout: Layout, tconfig) -> list[torch.nn.Module]:
-    """This rank's model chunks (one per virtual pipeline stage), each wrapped in megatron DDP."""
-    vpp = layout.vpp if layout.vpp > 1 else None
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=runtime.has_cuda(),  # it asserts CUDA tensors
-    )
-    chunks = []
-    for vp in range(vpp or 1):
-        stage = vp if vpp else None
-        model = build_model(
-            model_cfg,
-            tconfig,
-            pre_process=parallel_state.is_pipeline_first_stage(
-                ignore_virtual=not vpp, vp_stage=stage
-            ),
-            post_process=parallel_state.is_pipeline_last_stage(
-                ignore_virtual=not vpp, vp_stage=stage
-            ),
-            vp_stage=stage,
-        )
-        model.to(runtime.device())
-        chunks.append(
-            DistributedDataParallel(
-                config=tconfig, ddp_config=ddp_config, module=model, disable_bucketing=vp > 0
-            )
-        )
-    return chunks
-
-
-def build_optimizer(chunks: list[torch.nn.Module], t: TrainConfig, tconfig):
-    """megatron-core's Adam over the chunks (the distributed optimizer where CUDA is)."""
-    return get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=t.lr,
-            min_lr=t.min_lr,
-            weight_decay=t.weight_decay,
-            adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2,
-            adam_eps=t.adam_eps,
-            clip_grad=t.clip_grad,
-            bf16=tconfig.bf16,
-            params_dtype=tconfig.params_dtype,
-            use_distributed_optimizer=runtime.has_cuda(),
-        ),
-        chunks,
-    )
-
-
-def forward_step(data_iterator, model):
-    batch: Batch = next(data_iterator)
-    device = runtime.device()
-    output = model(
-        batch.tokens.to(device), batch.positions.to(device), None, labels=batch.labels.to(device)
-    )
-
-    def loss_func(per_token_loss: torch.Tensor):
-        loss = per_token_loss.float().mean()
-        return loss, {"lm loss": loss.detach().clone()}  # the schedule divides `loss` in place
-
-    return output, loss_func
 
 
 class _RunLog:
@@ -282,7 +206,7 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
     tconfig = to_transformer_config(
         job.model,
         layout,
-        params_dtype=_dtype(t),
+        params_dtype=param_dtype(t),
         fp8=t.fp8,
         fp8_recipe=t.fp8_recipe,
         token_dispatcher=t.token_dispatcher,

@@ -1,0 +1,88 @@
+"""The per-rank pieces of a training step: model chunks, optimizer, forward step.
+
+Kept apart from the job loop (`upcycle.platform.training`) so that benchmarks and the GPU check
+build exactly what training runs, with only torch and megatron-core imported.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+from upcycle import runtime
+from upcycle.config import Layout, ModelConfig, TrainConfig
+from upcycle.moe.model import build_model
+from upcycle.platform.data import Batch
+
+
+def param_dtype(train: TrainConfig) -> torch.dtype:
+    if train.dtype == "bf16" or (train.dtype == "auto" and runtime.has_cuda()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_chunks(model_cfg: ModelConfig, layout: Layout, tconfig) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), each wrapped in megatron DDP."""
+    vpp = layout.vpp if layout.vpp > 1 else None
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=runtime.has_cuda(),  # it asserts CUDA tensors
+    )
+    chunks = []
+    for vp in range(vpp or 1):
+        stage = vp if vpp else None
+        model = build_model(
+            model_cfg,
+            tconfig,
+            pre_process=parallel_state.is_pipeline_first_stage(
+                ignore_virtual=not vpp, vp_stage=stage
+            ),
+            post_process=parallel_state.is_pipeline_last_stage(
+                ignore_virtual=not vpp, vp_stage=stage
+            ),
+            vp_stage=stage,
+        )
+        model.to(runtime.device())
+        chunks.append(
+            DistributedDataParallel(
+                config=tconfig, ddp_config=ddp_config, module=model, disable_bucketing=vp > 0
+            )
+        )
+    return chunks
+
+
+def build_optimizer(chunks: list[torch.nn.Module], t: TrainConfig, tconfig):
+    """megatron-core's Adam over the chunks (the distributed optimizer where CUDA is)."""
+    return get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=tconfig.bf16,
+            params_dtype=tconfig.params_dtype,
+            use_distributed_optimizer=runtime.has_cuda(),
+        ),
+        chunks,
+    )
+
+
+def forward_step(data_iterator, model):
+    batch: Batch = next(data_iterator)
+    device = runtime.device()
+    output = model(
+        batch.tokens.to(device), batch.positions.to(device), None, labels=batch.labels.to(device)
+    )
+
+    def loss_func(per_token_loss: torch.Tensor):
+        loss = per_token_loss.float().mean()
+        return loss, {"lm loss": loss.detach().clone()}  # the schedule divides `loss` in place
+
+    return output, loss_func

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from training_reference import STEPS, TRAIN, assert_same_curve
+from training_reference import STEPS, TRAIN, assert_same_curve, reference_job, run_locally
 
 from upcycle.config import Layout
 from upcycle.platform.ray_train import fit
@@ -54,3 +54,18 @@ def test_parallel_run_equals_single_process(
         for step in got.values():  # every routed token counted once: tokens * top-k
             routed = sum(v for k, v in step.items() if k.startswith("expert_tokens/layer_0/"))
             assert routed == 8 * 32 * 2
+
+
+@pytest.mark.slow
+def test_interleaved_pipeline_equals_single_process(corpus, tmp_path):
+    """pp=2 with two virtual stages per rank: megatron-core's interleaved 1F1B schedule."""
+    base = reference_job("tiny-dense", corpus, tmp_path, num_layers=4)
+    want = run_locally(base, tmp_path / "reference")
+    job = dataclasses.replace(
+        base,
+        name="dense-pp2-vpp2",
+        layout=Layout(pp=2, vpp=2, micro_batch_size=2, global_batch_size=8),
+        tracking_dir="",
+    )
+    assert fit(job, num_workers=2, storage_path=tmp_path).error is None
+    assert_same_curve(spooled_metrics(tmp_path / job.name / "tracking"), want)

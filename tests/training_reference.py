@@ -24,9 +24,10 @@ STEPS = 5
 TRAIN = TrainConfig(steps=STEPS, seq_length=32, lr=1e-3, warmup_steps=1, clip_grad=1.0)
 
 
-def reference_job(name: str, corpus, root) -> TrainJob:
-    """A job for `name` starting from a fixed random checkpoint written under `root`."""
-    cfg = from_name(name)
+def reference_job(name: str, corpus, root, **model_changes) -> TrainJob:
+    """A job for preset `name` (with `model_changes`) starting from a fixed random checkpoint
+    written under `root`."""
+    cfg = from_name(name).replace(**model_changes)
     if not (root / "init").exists():
         with single_process(seed=7):
             save_checkpoint(build_model(cfg), cfg, root / "init")

@@ -96,6 +96,10 @@ def to_transformer_config(
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.expert_tp,
         sequence_parallel=layout.sequence_parallel,
+        # With gloo, the interleaved (vpp > 1) schedule's batched isend/irecv delivered wrong
+        # activations to later micro-batches (losses off by 1e-3 vs one process; forward-only
+        # was exact); separate isend/irecv calls are exact. NCCL keeps the batched form.
+        batch_p2p_comm=runtime.has_cuda(),
         **moe,
         **fp8_args,
     )

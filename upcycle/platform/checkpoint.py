@@ -95,13 +95,21 @@ def read_model_config(ckpt_dir: Path) -> ModelConfig:
     return ModelConfig.load(path)
 
 
-def load_checkpoint(model: GPTModel, ckpt_dir: Path) -> None:
-    """Verify `ckpt_dir` and load it into `model` (resharding to the model's layout)."""
+def load_checkpoint(model: GPTModel | Sequence[torch.nn.Module], ckpt_dir: Path) -> None:
+    """Verify `ckpt_dir` and load it into `model`, or into all of a rank's pipeline chunks at
+    once (megatron-core checks the access pattern over one whole load), resharding to the
+    model's layout."""
     ckpt_dir = Path(ckpt_dir)
     verify_manifest(ckpt_dir)
     check_metadata(ckpt_dir / WEIGHTS)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir / WEIGHTS))
-    load_state(model, state)
+    chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
+    loaded = dist_checkpointing.load(_model_state(chunks), str(ckpt_dir / WEIGHTS))
+    _load_chunks(chunks, loaded)
+
+
+def _load_chunks(chunks: Sequence[torch.nn.Module], loaded: dict) -> None:
+    for i, chunk in enumerate(chunks):
+        load_state(_unwrap(chunk), loaded["model" if len(chunks) == 1 else f"model{i}"])
 
 
 def load_state(model: torch.nn.Module, state: dict) -> None:
@@ -155,8 +163,7 @@ def load_training_state(ckpt_dir: Path, *, chunks: Sequence[torch.nn.Module], op
         request, is_loading=True, metadata=_OPTIMIZER_METADATA
     )
     loaded = dist_checkpointing.load(request, str(ckpt_dir / WEIGHTS))
-    for i, chunk in enumerate(chunks):
-        load_state(_unwrap(chunk), loaded["model" if len(chunks) == 1 else f"model{i}"])
+    _load_chunks(chunks, loaded)
     template = optimizer.sharded_state_dict(
         _model_state(chunks), is_loading=True, metadata=_OPTIMIZER_METADATA
     )

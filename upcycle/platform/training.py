@@ -241,8 +241,7 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
         start = state["step"]
         scheduler.load_state_dict(state["scheduler"])
     elif job.init_from:
-        for chunk in chunks:
-            load_checkpoint(chunk.module, Path(job.init_from))
+        load_checkpoint(chunks, Path(job.init_from))
 
     dataset = TokenDataset(Path(job.data))
     batches = StepBatches(

@@ -54,6 +54,7 @@ def test_stop_and_resume_equals_uninterrupted_and_is_tracked(references, tmp_pat
     assert run.data.params["model"] == "tiny-moe"
     assert run.data.params["layout.ep"] == "2" and run.data.params["layout.tp"] == "2"
     assert int(run.data.params["data.num_tokens"]) > 10_000
+    assert len(run.data.params["data.manifest_sha256"]) == 64
     assert run.data.tags["git_revision"]
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
     assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5]

@@ -148,6 +148,7 @@ def train(
 
     from upcycle.platform.cluster import ensure_ray
     from upcycle.platform.ray_train import fit
+    from upcycle.platform.tracking import default_tracking_uri
     from upcycle.platform.training import TrainJob
 
     try:
@@ -160,7 +161,12 @@ def train(
     if result.error is not None:
         _fail(f"training failed: {result.error}")
     metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()}
-    console.print(f"{job.name}: {metrics}; checkpoint {result.checkpoint.path}")
+    where = result.checkpoint.path if result.checkpoint else "none (nothing left to train)"
+    console.print(f"{job.name}: {metrics}; checkpoint {where}")
+    uri = job.tracking_uri or default_tracking_uri()
+    console.print(
+        f"MLflow run '{job.name}' in {uri}; view with: mlflow ui --backend-store-uri {uri}"
+    )
 
 
 @runs_app.command("import")

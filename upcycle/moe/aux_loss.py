@@ -8,7 +8,10 @@ counts tokens per expert divided by top-k; multiplying by top-k gives transforme
 from __future__ import annotations
 
 import torch
-from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    get_moe_layer_wise_logging_tracker,
+)
 
 from upcycle.config import ModelConfig
 
@@ -25,5 +28,12 @@ def layer_aux_losses(cfg: ModelConfig) -> torch.Tensor:
 
 
 def reset() -> None:
-    """Forget recorded values (dropping the entry, since its size is fixed by the first model)."""
+    """Forget recorded values (dropping the entry, since its size is fixed by the first model)
+    and the aux-loss gradient scale.
+
+    megatron-core 0.16.1 creates that scale as a 0-d tensor when a backward pass runs outside its
+    schedules (a plain `loss.backward()`), and later fails to copy its schedules' [1]-shaped scale
+    into it; starting from None lets the schedule create it.
+    """
     get_moe_layer_wise_logging_tracker().pop(_NAME, None)
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None

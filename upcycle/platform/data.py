@@ -17,6 +17,7 @@ same global batch covers the same samples.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from upcycle.atomic import verify_manifest
+from upcycle.atomic import MANIFEST, verify_manifest
 
 DATASET_JSON = "dataset.json"
 TOKEN_COLUMN = "tokens"
@@ -72,6 +73,11 @@ class TokenDataset:
             table = pa.ipc.open_file(source).read_all()
             arrays.extend(c.to_numpy(zero_copy_only=True) for c in table[TOKEN_COLUMN].chunks)
         self.tokens: np.ndarray = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+    @property
+    def manifest_sha256(self) -> str:
+        """Identifies the exact data a run read (its manifest lists every shard's hash)."""
+        return hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()
 
     @property
     def num_tokens(self) -> int:

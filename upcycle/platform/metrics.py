@@ -28,7 +28,9 @@ class ExpertLoad:
     def __init__(self, cfg: ModelConfig, chunks: list[torch.nn.Module], sequence_parallel: bool):
         self.cfg = cfg
         self.sequence_parallel = sequence_parallel
-        self.counts = torch.zeros(cfg.num_layers, max(cfg.num_experts, 1), dtype=torch.float64)
+        self.counts = torch.zeros(
+            cfg.num_layers, max(cfg.num_experts, 1), dtype=torch.float64, device=runtime.device()
+        )
         self._hooks = [
             m.register_forward_hook(self._hook)
             for chunk in chunks
@@ -41,16 +43,16 @@ class ExpertLoad:
         self.counts[router.layer_number - 1] += routing_map.sum(0).to(self.counts)
 
     def collect(self) -> torch.Tensor:
-        """[layers, experts] tokens routed in the forward passes since the last collect."""
+        """[layers, experts] tokens routed in the forward passes since the last collect (CPU)."""
         counts = self.counts.clone()
         self.counts.zero_()
         if not self.cfg.is_moe:
-            return counts[:, :0]
+            return counts[:, :0].cpu()
         dist.all_reduce(counts)  # layers live on one stage; ranks of a stage see distinct tokens
-        if self.sequence_parallel:
-            return counts
-        # Without sequence parallelism every tensor-parallel rank routes the same tokens.
-        return counts / parallel_state.get_tensor_model_parallel_world_size()
+        if not self.sequence_parallel:
+            # Without sequence parallelism every tensor-parallel rank routes the same tokens.
+            counts /= parallel_state.get_tensor_model_parallel_world_size()
+        return counts.cpu()
 
     @staticmethod
     def coefficient_of_variation(counts: torch.Tensor) -> torch.Tensor:

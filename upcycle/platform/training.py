@@ -144,6 +144,7 @@ class _RunLog:
                 **{f"train.{k}": v for k, v in job.train.to_dict().items()},
                 "data": job.data,
                 "data.num_tokens": dataset.num_tokens,
+                "data.manifest_sha256": dataset.manifest_sha256,
                 "data.shards": len(dataset.meta["shards"]),
                 "init_from": job.init_from or "",
             }
@@ -178,14 +179,15 @@ class _RunLog:
 def _reduce_step_metrics(job: TrainJob, losses: list[dict], num_microbatches: int) -> dict:
     """lm loss (mean over micro-batches and data-parallel ranks) and per-layer aux loss."""
     cfg = job.model
-    lm = torch.zeros(2, dtype=torch.float64)
+    device = runtime.device()  # NCCL reduces device tensors only
+    lm = torch.zeros(2, dtype=torch.float64, device=device)
     for d in losses:  # only the last pipeline stage has losses
-        lm += torch.tensor([float(d["lm loss"]), 1.0], dtype=torch.float64)
+        lm += torch.tensor([float(d["lm loss"]), 1.0], dtype=torch.float64, device=device)
     dist.all_reduce(lm)
     out = {"lm_loss": float(lm[0] / lm[1])}
     if cfg.is_moe:
         # Each layer's value lives on its stage; sequence-parallel ranks hold partial sums.
-        per_layer = aux_loss.layer_aux_losses(cfg).to(torch.float64)
+        per_layer = aux_loss.layer_aux_losses(cfg).to(device, torch.float64)
         aux_loss.reset()
         dist.all_reduce(per_layer)
         dp = parallel_state.get_data_parallel_world_size()
@@ -256,7 +258,7 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
     n_micro = batches.num_microbatches
     run_log = _RunLog(job, layout, dataset)
     expert_load = ExpertLoad(job.model, chunks, layout.sequence_parallel)
-    expert_tokens = torch.zeros_like(expert_load.counts)
+    expert_tokens = torch.zeros_like(expert_load.counts, device="cpu")
     flops_per_step = (
         train_flops_per_token(job.model, t.seq_length) * layout.global_batch_size * t.seq_length
     )

@@ -109,7 +109,13 @@ def prepare(
     ctx.execution_options.preserve_order = True  # same sources, same token stream
     ctx.enable_progress_bars = progress
     ds = _read(files, text_field).map_batches(
-        _Tokenize, fn_constructor_args=(text_field,), concurrency=1, batch_size=64
+        _Tokenize,
+        fn_constructor_args=(text_field,),
+        # Tokenizer actors scale with the cluster (half its CPUs: reading needs some too).
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+        ),
+        batch_size=64,
     )
     with atomic_directory(out) as tmp:
         writer = _ShardWriter(tmp, shard_tokens)

@@ -169,6 +169,41 @@ def train(
     )
 
 
+@app.command()
+def convert(
+    out_dir: Path = typer.Argument(None, help="new folder for the MoE checkpoint"),
+    source: str = typer.Option(
+        ..., "--from", help="dense checkpoint, transformers folder, or preset (--dry-run)"
+    ),
+    target: str = typer.Option(..., "--to", help="MoE preset name or model JSON"),
+    method: str = typer.Option("qwen2", help="qwen2 | granular | sparse"),
+    seed: int = typer.Option(0),
+    reinit_fraction: float = typer.Option(0.5, help="qwen2: share of each expert re-initialised"),
+    router_std: float = typer.Option(0.02, help="std of the new router and shared-expert gate"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check shapes on the meta device only"),
+) -> None:
+    """Upcycle a dense Qwen2 model into a Qwen2-MoE (qwen2, granular or sparse initialisation)."""
+    from upcycle.dense.hf_weights import CheckpointError
+    from upcycle.jobs import convert as job
+    from upcycle.moe.upcycling import UpcycleSettings
+
+    try:
+        settings = UpcycleSettings(method, seed, reinit_fraction, router_std)
+        if dry_run:
+            moe, counts = job.dry_run(source, target, settings)
+            console.print(
+                f"{source} -> {moe.name} ({method}): every shape checks; "
+                f"{counts.total_params:,} total / {counts.active_params:,} active parameters"
+            )
+            return
+        if out_dir is None:
+            _fail("OUT_DIR is required unless --dry-run")
+        moe = job.convert(source, target, out_dir, settings)
+    except (ConfigError, CheckpointError, FileExistsError) as e:
+        _fail(str(e))
+    console.print(f"upcycled {source} -> {moe.name} ({method}) at {out_dir}")
+
+
 @runs_app.command("import")
 def runs_import(
     spool: Path = typer.Argument(..., exists=True, file_okay=False, help="a run's tracking folder"),

@@ -35,6 +35,7 @@ from upcycle.dense.hf_weights import CheckpointError
 MODEL_CONFIG = "model.json"
 WEIGHTS = "weights"
 TRAIN_STATE = "train_state.json"
+LINEAGE = "lineage.json"  # how an upcycled checkpoint was made (upcycle.jobs.convert)
 # Optimizer state keyed like the model's, whether or not megatron-core chains a dense and an
 # expert optimizer (it does when EP > 1), so it reshards between any layouts.
 _OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True}
@@ -77,10 +78,15 @@ def check_metadata(weights_dir: Path) -> None:
             raise CheckpointError(f"{path}: unsafe or corrupt checkpoint metadata ({e})") from e
 
 
-def save_checkpoint(model: GPTModel, cfg: ModelConfig, out_dir: Path) -> Path:
-    """Write `model` (any layout) as our checkpoint, atomically."""
+def save_checkpoint(
+    model: GPTModel, cfg: ModelConfig, out_dir: Path, *, extra: dict[str, dict] | None = None
+) -> Path:
+    """Write `model` (any layout) as our checkpoint, atomically; `extra` JSON files beside it
+    (e.g. an upcycled model's lineage)."""
     with atomic_directory(out_dir) as tmp:
         cfg.save(tmp / MODEL_CONFIG)
+        for name, content in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=1) + "\n")
         (tmp / WEIGHTS).mkdir()
         dist_checkpointing.save(model.sharded_state_dict(), str(tmp / WEIGHTS))
     return Path(out_dir)

@@ -31,6 +31,7 @@ from upcycle.config import ConfigError, Layout, ModelConfig, TrainConfig, from_n
 from upcycle.dense.megatron_config import to_transformer_config
 from upcycle.moe import aux_loss
 from upcycle.platform.checkpoint import (
+    LINEAGE,
     load_checkpoint,
     load_training_state,
     newest_valid,
@@ -149,7 +150,7 @@ class _RunLog:
                 "init_from": job.init_from or "",
             }
         )
-        self.tracker.set_tags(job.tags)
+        self.tracker.set_tags({**job.tags, **_lineage_tags(job.init_from)})
         with tempfile.TemporaryDirectory() as tmp:
             spec = Path(tmp) / "job.json"
             spec.write_text(json.dumps(job.to_dict(), indent=1))
@@ -174,6 +175,16 @@ class _RunLog:
                 png = expert_load_heatmap(expert_tokens, Path(tmp) / "expert_load.png")
                 self.tracker.log_artifact(png)
         self.tracker.close()
+
+
+def _lineage_tags(init_from: str | None) -> dict[str, str]:
+    """`upcycled.*` tags when the starting checkpoint was upcycled (its lineage.json)."""
+    path = Path(init_from or "") / LINEAGE
+    if not init_from or not path.is_file():
+        return {}
+    lineage = json.loads(path.read_text())
+    settings = {f"upcycled.{k}": v for k, v in lineage.pop("settings", {}).items()}
+    return {**{f"upcycled.{k}": v for k, v in lineage.items()}, **settings}
 
 
 def _reduce_step_metrics(job: TrainJob, losses: list[dict], num_microbatches: int) -> dict:

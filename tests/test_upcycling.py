@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from upcycle.config import ConfigError, from_name
+from upcycle.dense.hf_weights import hf_shapes, to_hf, to_megatron
 from upcycle.jobs.cli import app
 from upcycle.moe.model import build_model
-from upcycle.moe.upcycling import UpcycleSettings, copies_needed, upcycle_mlp, upcycle_state
+from upcycle.moe.upcycling import UpcycleSettings, copies_needed, upcycle_hf, upcycle_mlp
 from upcycle.platform.checkpoint import load_checkpoint, load_state, save_checkpoint
 from upcycle.platform.distributed import single_process
 
@@ -24,6 +25,15 @@ MOE = from_name("tiny-moe")  # 8 experts of 64, top-2, shared 256
 def dense_model():
     with single_process(seed=11):
         return build_model(DENSE).eval()
+
+
+def upcycled_state(dense_model, moe, settings):
+    """The MoE state dict the converter produces from `dense_model` (megatron-core names)."""
+    state = {k: v for k, v in dense_model.state_dict().items() if isinstance(v, torch.Tensor)}
+    hf = to_hf(DENSE, state)
+    return to_megatron(
+        moe, dict(upcycle_hf(hf.__getitem__, hf_shapes(DENSE), DENSE, moe, settings))
+    )
 
 
 def logits(model, tokens):
@@ -50,10 +60,7 @@ def test_sparse_and_granular_preserve_the_dense_function(dense_model, method, mo
     """Exact when the chosen experts' weights sum to 1 (norm_topk_prob) and there is no shared
     expert (a second FFN); granular needs top-k to be a multiple of G = 256/64 = 4."""
     upcycled = build_model(moe).eval()
-    load_state(
-        upcycled,
-        dict(upcycle_state(dense_model.state_dict(), DENSE, moe, UpcycleSettings(method, seed=5))),
-    )
+    load_state(upcycled, upcycled_state(dense_model, moe, UpcycleSettings(method, seed=5)))
     tokens = torch.randint(0, 151_000, (2, 24), generator=torch.Generator().manual_seed(0))
     ref = logits(dense_model, tokens)
     assert (logits(upcycled, tokens) - ref).abs().max() < 1e-5 * ref.abs().max()
@@ -254,3 +261,37 @@ def test_continued_training_starts_at_the_dense_loss_and_lowers_it(corpus, tmp_p
         run.data.tags["upcycled.source_sha256"]
         == json.loads((tmp_path / "moe" / "lineage.json").read_text())["source_sha256"]
     )
+
+
+def test_transformers_qwen2_in_qwen2_moe_out_loads_in_transformers(tmp_path):
+    """A transformers Qwen2 folder upcycled (granular, exact) into a sharded folder that
+    transformers loads as Qwen2MoeForCausalLM with the dense model's logits; the same conversion
+    into our format holds the same weights."""
+    from conftest import tiny_qwen2
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.jobs.convert import convert
+
+    dense = tiny_qwen2(tmp_path / "dense", tie=False)  # vocab 512, ffn 96, hidden 64
+    moe = from_name("tiny-moe").replace(
+        vocab_size=512, tie_embeddings=False, moe_ffn_hidden_size=48, num_experts=4, moe_top_k=2,
+        shared_expert_ffn_hidden_size=0, norm_topk_prob=True, max_position_embeddings=256,
+    )  # fmt: skip
+    (tmp_path / "moe.json").write_text(json.dumps(moe.to_dict()))
+    settings = UpcycleSettings("granular", seed=4)
+    convert(str(tmp_path / "dense"), str(tmp_path / "moe.json"), tmp_path / "hf", settings,
+            hf_dtype=torch.float32, max_shard_bytes=100_000)  # fmt: skip
+    assert len(list((tmp_path / "hf").glob("model-*-of-*.safetensors"))) > 3  # streamed shards
+    upcycled = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(upcycled).__name__ == "Qwen2MoeForCausalLM"
+    assert json.loads((tmp_path / "hf" / "lineage.json").read_text())["method"] == "granular"
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = dense(tokens).logits, upcycled(tokens).logits
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+    run = CliRunner().invoke(app, ["convert", str(tmp_path / "ours"), "--from", str(tmp_path / "dense"), "--to", str(tmp_path / "moe.json"), "--method", "granular", "--seed", "4"])  # fmt: skip
+    assert run.exit_code == 0, run.output
+    ours = build_model(moe).eval()
+    load_checkpoint(ours, tmp_path / "ours")
+    assert torch.allclose(logits(ours, tokens), got, atol=1e-5)

@@ -7,7 +7,7 @@ loaded, so they are refused with a message saying how to convert them.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -122,7 +122,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     return out
 
 
-def _refuse_pickles(hf_dir: Path) -> None:
+def raise_no_safetensors(hf_dir: Path) -> None:
     pickles = sorted(p.name for p in hf_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     raise CheckpointError(
         f"{hf_dir}: no safetensors weights"
@@ -141,7 +141,7 @@ def read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     elif (hf_dir / SINGLE_FILE).is_file():
         files = [SINGLE_FILE]
     else:
-        _refuse_pickles(hf_dir)
+        raise_no_safetensors(hf_dir)
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         if not (hf_dir / name).is_file():
@@ -154,36 +154,49 @@ def read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 def write_hf_dir(
     cfg: ModelConfig,
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     out_dir: Path,
     *,
     max_shard_bytes: int = 2 * 1024**3,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    extra: Mapping[str, dict] | None = None,
 ) -> Path:
-    """Write config.json and safetensors (sharded above `max_shard_bytes`) atomically."""
-    dtype = dtype or next(iter(tensors.values())).dtype
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        t = t.detach().to(dtype).contiguous()
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
+    """Write config.json and safetensors (sharded above `max_shard_bytes`) atomically; `extra`
+    JSON files beside them. Tensors may come from a generator: each shard is written as soon as
+    it is full, so at most one shard is held in memory."""
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    meta = {"format": "pt"}
     with atomic_directory(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], tmp / SINGLE_FILE, metadata=meta)
+        for name, content in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=1) + "\n")
+        shard: dict[str, torch.Tensor] = {}
+        parts: list[tuple[Path, list[str]]] = []
+        size = total = 0
+        for name, t in items:
+            t = t.detach().to(dtype).contiguous()
+            nbytes = t.numel() * t.element_size()
+            if shard and size + nbytes > max_shard_bytes:
+                parts.append(_write_part(tmp, len(parts), shard, meta))
+                shard, size = {}, 0
+            shard[name] = t
+            size += nbytes
+            total += nbytes
+        parts.append(_write_part(tmp, len(parts), shard, meta))
+        if len(parts) == 1:
+            parts[0][0].rename(tmp / SINGLE_FILE)
         else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / fname, metadata=meta)
-                weight_map |= dict.fromkeys(shard, fname)
-                total += sum(t.numel() * t.element_size() for t in shard.values())
+            weight_map = {}
+            for i, (path, names) in enumerate(parts, 1):
+                fname = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+                path.rename(tmp / fname)
+                weight_map |= dict.fromkeys(names, fname)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return Path(out_dir)
+
+
+def _write_part(folder: Path, index: int, shard: dict, meta: dict) -> tuple[Path, list[str]]:
+    path = folder / f"part-{index:05d}.safetensors"  # renamed once the shard count is known
+    save_file(shard, path, metadata=meta)
+    return path, list(shard)

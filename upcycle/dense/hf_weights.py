@@ -168,13 +168,13 @@ def to_hf(cfg: ModelConfig, sd: Mapping[str, torch.Tensor]) -> Tensors:
             )
         out[p + "self_attn.o_proj.weight"] = sd[m + "self_attention.linear_proj.weight"]
         if not cfg.is_moe:
-            out |= _fc_to_hf(sd, m + "mlp.", p + "mlp.")
+            out |= fc_to_hf(sd, m + "mlp.", p + "mlp.")
             continue
         out[p + "mlp.gate.weight"] = sd[m + "mlp.router.weight"]
         for e in range(cfg.num_experts):
-            out |= _fc_to_hf(sd, f"{m}mlp.experts.local_experts.{e}.", f"{p}mlp.experts.{e}.")
+            out |= fc_to_hf(sd, f"{m}mlp.experts.local_experts.{e}.", f"{p}mlp.experts.{e}.")
         if cfg.shared_expert_ffn_hidden_size:
-            out |= _fc_to_hf(sd, m + "mlp.shared_experts.", p + "mlp.shared_expert.")
+            out |= fc_to_hf(sd, m + "mlp.shared_experts.", p + "mlp.shared_expert.")
             if cfg.shared_expert_gate:
                 out[p + "mlp.shared_expert_gate.weight"] = sd[m + "mlp.shared_experts.gate_weight"]
     out["model.norm.weight"] = sd["decoder.final_layernorm.weight"]
@@ -217,7 +217,7 @@ def _fc_to_megatron(hf: Mapping[str, torch.Tensor], src: str, dst: str) -> Tenso
     }
 
 
-def _fc_to_hf(sd: Mapping[str, torch.Tensor], src: str, dst: str) -> Tensors:
+def fc_to_hf(sd: Mapping[str, torch.Tensor], src: str, dst: str) -> Tensors:
     gate, up = sd[src + "linear_fc1.weight"].chunk(2, dim=0)
     return {
         dst + "gate_proj.weight": gate,

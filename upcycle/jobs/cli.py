@@ -36,6 +36,15 @@ def _preset(name: str) -> ModelConfig:
         raise typer.BadParameter(str(e), param_hint="PRESET") from None
 
 
+def _dtype(name: str):
+    import torch
+
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if name not in dtypes:
+        raise typer.BadParameter(f"{name!r}; allowed: {', '.join(dtypes)}", param_hint="--dtype")
+    return dtypes[name]
+
+
 def _fail(message: str) -> None:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(2)
@@ -92,18 +101,13 @@ def export_hf(
     max_shard_gib: float = typer.Option(2.0, help="shard size limit in GiB"),
 ) -> None:
     """Write our checkpoint as transformers safetensors (+ config.json) that transformers loads."""
-    import torch
-
     from upcycle.atomic import IntegrityError
     from upcycle.dense.hf_weights import CheckpointError
     from upcycle.platform.hf_interop import export_hf as run
 
-    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    if dtype not in dtypes:
-        raise typer.BadParameter(f"{dtype!r}; allowed: {', '.join(dtypes)}", param_hint="--dtype")
     try:
         cfg = run(
-            ckpt_dir, out_dir, dtype=dtypes[dtype], max_shard_bytes=int(max_shard_gib * 2**30)
+            ckpt_dir, out_dir, dtype=_dtype(dtype), max_shard_bytes=int(max_shard_gib * 2**30)
         )
     except (CheckpointError, ConfigError, IntegrityError, FileExistsError) as e:
         _fail(str(e))
@@ -181,6 +185,8 @@ def convert(
     reinit_fraction: float = typer.Option(0.5, help="qwen2: share of each expert re-initialised"),
     router_std: float = typer.Option(0.02, help="std of the new router and shared-expert gate"),
     dry_run: bool = typer.Option(False, "--dry-run", help="check shapes on the meta device only"),
+    hf: bool = typer.Option(False, "--hf", help="write a transformers Qwen2-MoE folder"),
+    dtype: str = typer.Option("bfloat16", help="--hf weights: bfloat16 | float16 | float32"),
 ) -> None:
     """Upcycle a dense Qwen2 model into a Qwen2-MoE (qwen2, granular or sparse initialisation)."""
     from upcycle.dense.hf_weights import CheckpointError
@@ -198,7 +204,7 @@ def convert(
             return
         if out_dir is None:
             _fail("OUT_DIR is required unless --dry-run")
-        moe = job.convert(source, target, out_dir, settings)
+        moe = job.convert(source, target, out_dir, settings, hf_dtype=_dtype(dtype) if hf else None)
     except (ConfigError, CheckpointError, FileExistsError) as e:
         _fail(str(e))
     console.print(f"upcycled {source} -> {moe.name} ({method}) at {out_dir}")

@@ -1,25 +1,37 @@
 """`upcycle convert`: a dense Qwen2 checkpoint -> a Qwen2-MoE checkpoint by an upcycling method.
 
-Input: our checkpoint or a transformers Qwen2 folder; output: our checkpoint (export it with
-`upcycle checkpoint export-hf`), with `lineage.json` naming the method, its settings and the
-SHA-256 of the source's manifest (or config.json). Every shape and setting is checked before
-anything is written; `--dry-run` checks a full-size pair on the meta device without weights.
+Input: our checkpoint or a transformers Qwen2 folder. Output: our checkpoint, or with `--hf` a
+transformers Qwen2-MoE folder (safetensors, per-expert layout). Both carry `lineage.json`: the
+method, its settings, and the SHA-256 of the source's manifest (or config.json).
+
+Streaming: the dense tensors are read one at a time (safetensors' lazy `safe_open`; our checkpoint
+is loaded whole, a dense model being small next to its MoE) and the MoE tensors are produced layer
+by layer; with `--hf` each output shard is written as soon as it is full, so memory holds one
+shard and one layer (bench/upcycle_memory.py measures it). Our own format is written with one
+megatron-core dist-checkpoint save, which needs the whole MoE state in memory.
+Every shape and setting is checked before anything is written; `--dry-run` checks a full-size pair
+on the meta device without weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from upcycle.atomic import MANIFEST
 from upcycle.config import ConfigError, ModelConfig, from_name
+from upcycle.dense import hf_io
+from upcycle.dense.hf_weights import CheckpointError, hf_shapes, to_hf, to_megatron
 from upcycle.dense.megatron_config import to_transformer_config
 from upcycle.moe.model import build_model, build_on_meta
 from upcycle.moe.params import ParamCounts, count_parameters
-from upcycle.moe.upcycling import UpcycleSettings, check_pair, upcycle_state
+from upcycle.moe.upcycling import UpcycleSettings, check_pair, upcycle_hf
 from upcycle.platform.checkpoint import (
     LINEAGE,
     load_checkpoint,
@@ -28,7 +40,8 @@ from upcycle.platform.checkpoint import (
     save_checkpoint,
 )
 from upcycle.platform.distributed import single_process
-from upcycle.platform.hf_interop import model_from_hf
+
+Getter = Callable[[str], torch.Tensor]
 
 
 def target_config(target: str) -> ModelConfig:
@@ -39,80 +52,121 @@ def target_config(target: str) -> ModelConfig:
     )
 
 
-def _source(src: str) -> tuple[ModelConfig, Path | None]:
+def _describe(src: str) -> tuple[ModelConfig, Path | None]:
     path = Path(src)
     if (path / "model.json").is_file():
         return read_model_config(path), path
     if (path / "config.json").is_file():
-        from upcycle.dense.hf_io import read_hf_config
-
-        return read_hf_config(path), path
+        return hf_io.read_hf_config(path), path
     if path.exists():
         raise ConfigError(
-            "from",
-            f"{src} is neither our checkpoint (model.json) nor a transformers folder (config.json)",
+            "from", f"{src} is neither our checkpoint (model.json) nor a transformers folder"
         )
     return from_name(src), None  # a preset: dry runs only
 
 
+def _hf_getter(folder: Path, dense: ModelConfig) -> Getter:
+    """Read one tensor at a time from a transformers folder (single file or sharded), checking
+    each against the shape `dense` needs."""
+    shapes = hf_shapes(dense)
+    index = folder / hf_io.INDEX_FILE
+    if index.is_file():
+        where = json.loads(index.read_text())["weight_map"]
+    elif (folder / hf_io.SINGLE_FILE).is_file():
+        with safe_open(str(folder / hf_io.SINGLE_FILE), "pt") as f:
+            where = dict.fromkeys(f.keys(), hf_io.SINGLE_FILE)
+    else:
+        hf_io.raise_no_safetensors(folder)  # and refuses pickle-based files by name
+
+    def get(name: str) -> torch.Tensor:
+        if name not in where:
+            raise CheckpointError(f"{folder}: tensor {name} is missing")
+        with safe_open(str(folder / where[name]), "pt") as f:
+            t = f.get_tensor(name).float()
+        if tuple(t.shape) != shapes[name]:
+            raise CheckpointError(
+                f"{folder}: {name} has shape {tuple(t.shape)}, expected {shapes[name]}"
+            )
+        return t
+
+    return get
+
+
+def _dense_source(dense: ModelConfig, path: Path) -> tuple[Getter, str]:
+    """A getter over the dense model's transformers-named tensors and the source's hash."""
+    if (path / "model.json").is_file():
+        model = build_model(dense)
+        load_checkpoint(model, path)
+        state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        return to_hf(dense, state).__getitem__, _sha256(path / MANIFEST)
+    return _hf_getter(path, dense), _sha256(path / "config.json")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def dry_run(src: str, target: str, settings: UpcycleSettings) -> tuple[ModelConfig, ParamCounts]:
     """Check every shape of the conversion on the meta device; the target's parameter counts."""
-    dense, _ = _source(src)
+    dense, _ = _describe(src)
     moe = target_config(target)
-    check_pair(dense, moe, settings)
+    # Re-initialisation changes values, not shapes: skip it on the meta device.
+    shapes_only = dataclasses.replace(settings, reinit_fraction=0.0)
+    dense_shapes = hf_shapes(dense)
+    got = {
+        name: tuple(t.shape)
+        for name, t in upcycle_hf(
+            lambda n: torch.empty(dense_shapes[n], device="meta"),
+            dense_shapes,
+            dense,
+            moe,
+            shapes_only,
+        )
+    }
+    want = hf_shapes(moe)
+    problems = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+    if problems:
+        k = problems[0]
+        raise ConfigError("to", f"{k}: upcycling gives {got.get(k)}, the target has {want.get(k)}")
     with single_process():
-        dense_model, moe_model = build_on_meta(dense), build_on_meta(moe)
-        want = {
-            k: v.shape for k, v in moe_model.state_dict().items() if not k.endswith("_extra_state")
-        }
-        # Re-initialisation changes values, not shapes: skip it on the meta device.
-        shapes_only = dataclasses.replace(settings, reinit_fraction=0.0)
-        got = {}
-        dense_state = {
-            k: v for k, v in dense_model.state_dict().items() if not k.endswith("_extra_state")
-        }
-        for name, value in upcycle_state(dense_state, dense, moe, shapes_only):
-            got[name] = value.shape
-        problems = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
-        if problems:
-            k = problems[0]
-            raise ConfigError(
-                "to", f"{k}: upcycling gives {got.get(k)}, the target has {want.get(k)}"
-            )
-        return moe, count_parameters(moe_model, moe)
+        return moe, count_parameters(build_on_meta(moe), moe)
 
 
-def convert(src: str, target: str, out: Path, settings: UpcycleSettings) -> ModelConfig:
-    """Upcycle the dense checkpoint `src` into a MoE checkpoint at `out`."""
-    dense, path = _source(src)
+def convert(
+    src: str,
+    target: str,
+    out: Path,
+    settings: UpcycleSettings,
+    *,
+    hf_dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> ModelConfig:
+    """Upcycle the dense checkpoint `src` into a MoE checkpoint at `out` (our format, or a
+    transformers Qwen2-MoE folder in `hf_dtype` when given)."""
+    dense, path = _describe(src)
     moe = target_config(target)
     check_pair(dense, moe, settings)
     if path is None:
-        raise ConfigError(
-            "from",
-            f"{src} is a preset without weights; give a checkpoint folder (or use --dry-run)",
-        )
+        raise ConfigError("from", f"{src} is a preset without weights; give a checkpoint folder")
     if Path(out).exists() and any(Path(out).iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new output folder")
-    with single_process():
-        if (path / "model.json").is_file():
-            dense_model = build_model(dense)
-            load_checkpoint(dense_model, path)
-            source_hash = hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
-        else:
-            _, dense_model = model_from_hf(path)
-            source_hash = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
-        moe_model = build_model(moe, to_transformer_config(moe, perform_initialization=False))
-        with torch.no_grad():
-            state = dict(upcycle_state(dense_model.state_dict(), dense, moe, settings))
-        del dense_model
-        load_state(moe_model, state)
+    with single_process(), torch.no_grad():
+        get, source_hash = _dense_source(dense, path)
         lineage = {
             "method": settings.method,
-            "settings": settings.__dict__,
+            "settings": dataclasses.asdict(settings),
             "source": str(path.absolute()),
             "source_model": dense.name,
             "source_sha256": source_hash,
         }
+        tensors = upcycle_hf(get, hf_shapes(dense), dense, moe, settings)
+        if hf_dtype is not None:
+            hf_io.write_hf_dir(
+                moe, tensors, out, dtype=hf_dtype, max_shard_bytes=max_shard_bytes,
+                extra={LINEAGE: lineage},
+            )  # fmt: skip
+            return moe
+        moe_model = build_model(moe, to_transformer_config(moe, perform_initialization=False))
+        load_state(moe_model, to_megatron(moe, dict(tensors)))
         save_checkpoint(moe_model, moe, out, extra={LINEAGE: lineage})
     return moe

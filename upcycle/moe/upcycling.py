@@ -1,9 +1,11 @@
 """Dense Qwen2 -> fine-grained Qwen2-MoE initialisation: the `qwen2`, `granular` and `sparse` methods.
 
-Works on full (unsharded) tensors in megatron-core naming, one layer at a time, so a converter can
-stream layers and let dist-checkpoint resharding place the result (megatron-core's own
-upcycling_utils fails under TP=2, see shared/experiments/megatron-cpu/NOTES.md). Dense FFN:
-`linear_fc1` = [gate; up] of shape [2F, H], `linear_fc2` [H, F]. Formulas: reference/qwen2.md.
+Works on full (unsharded) tensors, one layer at a time, in transformers' names (`upcycle_hf` reads
+the dense tensors through a getter, so a converter holds one layer, never the model) and lets
+dist-checkpoint resharding place the result (megatron-core's own upcycling_utils fails under
+TP=2, see shared/experiments/megatron-cpu/NOTES.md). Per layer, `upcycle_mlp` maps the dense FFN
+(`fc1` = [gate; up] of shape [2F, H], `fc2` [H, F]) to the MoE MLP in megatron-core's relative
+names. Formulas: reference/qwen2.md.
 
 - `qwen2` (Qwen2 report 2.2.2): replicate the FFN ceil(E*h_E/F) times, permute each copy along the
   intermediate dimension (one permutation for gate rows, up rows and down columns), slice into E
@@ -26,19 +28,18 @@ added). Function preservation needs no shared expert (it adds a second FFN).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from upcycle.config import ConfigError, ModelConfig
+from upcycle.dense.hf_weights import fc_to_hf
 from upcycle.dense.tokenizer import NUM_REGULAR, SPECIAL_TOKENS
 
 TOKENIZER_VOCAB = NUM_REGULAR + len(SPECIAL_TOKENS)  # ids in use; embedding rows beyond are padding
-_VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 METHODS = ("qwen2", "granular", "sparse")
-_MLP = ".mlp."
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,14 @@ def check_pair(dense: ModelConfig, moe: ModelConfig, s: UpcycleSettings) -> None
         )
     if not moe.is_moe:
         raise ConfigError("to", f"{moe.name} is dense; choose a MoE preset or config")
-    if min(dense.vocab_size, moe.vocab_size) < TOKENIZER_VOCAB:
+    if (
+        dense.vocab_size != moe.vocab_size
+        and min(dense.vocab_size, moe.vocab_size) < TOKENIZER_VOCAB
+    ):
         raise ConfigError(
             "to.vocab_size",
-            f"{moe.vocab_size} vs the dense model's {dense.vocab_size}: both must cover the "
-            f"{TOKENIZER_VOCAB} tokenizer ids (rows beyond are padding, resized on upcycling)",
+            f"{moe.vocab_size} vs the dense model's {dense.vocab_size}: equal, or both covering "
+            f"the {TOKENIZER_VOCAB} tokenizer ids (rows beyond are padding, resized on upcycling)",
         )
     for name in ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads",
                  "qkv_bias", "tie_embeddings"):  # fmt: skip
@@ -209,26 +213,37 @@ def _resize_rows(t: torch.Tensor, rows: int, std: float, seed: int) -> torch.Ten
     return torch.cat([t, extra])
 
 
-def upcycle_state(
-    dense_state: dict[str, torch.Tensor],
+_HF_VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def upcycle_hf(
+    get: Callable[[str], torch.Tensor],
+    names: Iterable[str],
     dense: ModelConfig,
     moe: ModelConfig,
     s: UpcycleSettings,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The MoE model's tensors (megatron-core names), one dense tensor or layer at a time."""
+    """The same conversion in transformers' names, reading one dense tensor at a time through
+    `get`: a converter holds one layer's tensors, never the whole model."""
     check_pair(dense, moe, s)
-    for name, tensor in dense_state.items():
-        if name.endswith("_extra_state"):
-            continue
-        if name in _VOCAB_ROWS and moe.vocab_size != dense.vocab_size:
-            yield name, _resize_rows(tensor, moe.vocab_size, dense.init_std, s.seed)
-        elif _MLP not in name:
-            yield name, tensor  # attention, norms, embeddings, LM head: unchanged
-        elif name.endswith(".mlp.linear_fc1.weight"):
-            prefix = name.removesuffix("linear_fc1.weight")
+    for name in names:
+        if name in _HF_VOCAB_ROWS and moe.vocab_size != dense.vocab_size:
+            yield name, _resize_rows(get(name), moe.vocab_size, dense.init_std, s.seed)
+        elif ".mlp." not in name:
+            yield name, get(name)
+        elif name.endswith(".mlp.gate_proj.weight"):
+            prefix = name.removesuffix("gate_proj.weight")  # model.layers.{i}.mlp.
             layer = int(name.split(".")[2])
-            fc2 = dense_state[prefix + "linear_fc2.weight"]
-            for rel, value in upcycle_mlp(tensor, fc2, dense, moe, s, layer).items():
-                yield prefix + rel, value
-        elif not name.endswith(".mlp.linear_fc2.weight"):
+            fc1 = torch.cat([get(name), get(prefix + "up_proj.weight")])
+            mlp = upcycle_mlp(fc1, get(prefix + "down_proj.weight"), dense, moe, s, layer)
+            yield prefix + "gate.weight", mlp.pop("router.weight")
+            for e in range(moe.num_experts):
+                yield from fc_to_hf(
+                    mlp, f"experts.local_experts.{e}.", f"{prefix}experts.{e}."
+                ).items()
+            if moe.shared_expert_ffn_hidden_size:
+                yield from fc_to_hf(mlp, "shared_experts.", prefix + "shared_expert.").items()
+                if moe.shared_expert_gate:
+                    yield prefix + "shared_expert_gate.weight", mlp["shared_experts.gate_weight"]
+        elif not name.endswith((".mlp.up_proj.weight", ".mlp.down_proj.weight")):
             raise ConfigError("from", f"unexpected dense FFN tensor {name}")

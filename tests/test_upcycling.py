@@ -186,7 +186,9 @@ def test_bad_pairs_are_refused_before_anything_is_written(
         UpcycleSettings("moefy")
 
 
-def test_convert_cli_writes_a_verified_moe_checkpoint_with_lineage(tmp_path, dense_model):
+def test_convert_cli_writes_a_verified_moe_checkpoint_with_lineage(
+    ray_cluster, tmp_path, dense_model
+):
     src = save_checkpoint(dense_model, DENSE, tmp_path / "dense")
     run = CliRunner().invoke(
         app,
@@ -263,7 +265,7 @@ def test_continued_training_starts_at_the_dense_loss_and_lowers_it(corpus, tmp_p
     )
 
 
-def test_transformers_qwen2_in_qwen2_moe_out_loads_in_transformers(tmp_path):
+def test_transformers_qwen2_in_qwen2_moe_out_loads_in_transformers(ray_cluster, tmp_path):
     """A transformers Qwen2 folder upcycled (granular, exact) into a sharded folder that
     transformers loads as Qwen2MoeForCausalLM with the dense model's logits; the same conversion
     into our format holds the same weights."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from dataclasses import asdict
@@ -187,11 +188,14 @@ def convert(
     dry_run: bool = typer.Option(False, "--dry-run", help="check shapes on the meta device only"),
     hf: bool = typer.Option(False, "--hf", help="write a transformers Qwen2-MoE folder"),
     dtype: str = typer.Option("bfloat16", help="--hf weights: bfloat16 | float16 | float32"),
+    address: str = typer.Option(None, help="Ray cluster to run on (default: in-process)"),
 ) -> None:
-    """Upcycle a dense Qwen2 model into a Qwen2-MoE (qwen2, granular or sparse initialisation)."""
+    """Upcycle a dense Qwen2 model into a Qwen2-MoE (qwen2, granular or sparse initialisation)
+    as a Ray task; --dry-run checks every shape on the meta device instead."""
     from upcycle.dense.hf_weights import CheckpointError
     from upcycle.jobs import convert as job
     from upcycle.moe.upcycling import UpcycleSettings
+    from upcycle.platform.cluster import ensure_ray
 
     try:
         settings = UpcycleSettings(method, seed, reinit_fraction, router_std)
@@ -204,7 +208,12 @@ def convert(
             return
         if out_dir is None:
             _fail("OUT_DIR is required unless --dry-run")
-        moe = job.convert(source, target, out_dir, settings, hf_dtype=_dtype(dtype) if hf else None)
+        job.validate(source, target, out_dir, settings)  # before any cluster time
+        if address:
+            os.environ["RAY_ADDRESS"] = address
+        ensure_ray()
+        hf_dtype = _dtype(dtype) if hf else None
+        moe = job.run_as_ray_task(source, target, out_dir, settings, hf_dtype=hf_dtype)
     except (ConfigError, CheckpointError, FileExistsError) as e:
         _fail(str(e))
     console.print(f"upcycled {source} -> {moe.name} ({method}) at {out_dir}")

@@ -106,6 +106,18 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def run_as_ray_task(
+    src: str, target: str, out: Path, settings: UpcycleSettings, **kw
+) -> ModelConfig:
+    """`convert` in a Ray task (one CPU) on the connected cluster: the in-process default, or a
+    remote one (`RAY_ADDRESS`), whose nodes must see `src` and `out`."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=0)(convert)
+    absolute = [str(Path(p).absolute()) if Path(p).exists() else p for p in (src, target)]
+    return ray.get(task.remote(*absolute, Path(out).absolute(), settings, **kw))
+
+
 def dry_run(src: str, target: str, settings: UpcycleSettings) -> tuple[ModelConfig, ParamCounts]:
     """Check every shape of the conversion on the meta device; the target's parameter counts."""
     dense, _ = _describe(src)
@@ -132,6 +144,16 @@ def dry_run(src: str, target: str, settings: UpcycleSettings) -> tuple[ModelConf
         return moe, count_parameters(build_on_meta(moe), moe)
 
 
+def validate(src: str, target: str, out: Path | None, settings: UpcycleSettings) -> None:
+    """Everything `convert` checks before reading weights: run it before submitting the job."""
+    dense, path = _describe(src)
+    check_pair(dense, target_config(target), settings)
+    if path is None:
+        raise ConfigError("from", f"{src} is a preset without weights; give a checkpoint folder")
+    if out is not None and Path(out).exists() and any(Path(out).iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new output folder")
+
+
 def convert(
     src: str,
     target: str,
@@ -143,13 +165,9 @@ def convert(
 ) -> ModelConfig:
     """Upcycle the dense checkpoint `src` into a MoE checkpoint at `out` (our format, or a
     transformers Qwen2-MoE folder in `hf_dtype` when given)."""
+    validate(src, target, out, settings)
     dense, path = _describe(src)
     moe = target_config(target)
-    check_pair(dense, moe, settings)
-    if path is None:
-        raise ConfigError("from", f"{src} is a preset without weights; give a checkpoint folder")
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new output folder")
     with single_process(), torch.no_grad():
         get, source_hash = _dense_source(dense, path)
         lineage = {

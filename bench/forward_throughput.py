@@ -32,7 +32,7 @@ MOE_BENCH = ModelConfig(
 )  # fmt: skip
 
 
-def _median_seconds(fn, steps: int) -> float:
+def median_seconds(fn, steps: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(steps):
@@ -58,8 +58,8 @@ def main() -> None:
         ours = build_model(cfg).eval()
         theirs = transformers_twin(cfg, ours, Path(tmp) / "hf")
         with torch.no_grad():
-            t_ours = _median_seconds(lambda: ours(tokens, positions, None), args.steps)
-            t_theirs = _median_seconds(lambda: theirs(tokens), args.steps)
+            t_ours = median_seconds(lambda: ours(tokens, positions, None), args.steps)
+            t_theirs = median_seconds(lambda: theirs(tokens), args.steps)
     n = tokens.numel()
     print(
         f"{cfg.name}: batch {args.batch}x{args.seq}, {args.threads} threads, median of {args.steps}"

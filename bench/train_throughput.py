@@ -14,10 +14,8 @@ In one process, with the same batch and thread count:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import torch
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from forward_throughput import MOE_BENCH  # noqa: E402
+from forward_throughput import MOE_BENCH, median_seconds  # noqa: E402
 from megatron.core.distributed import finalize_model_grads  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
@@ -38,16 +36,6 @@ from upcycle.platform.distributed import single_process  # noqa: E402
 from upcycle.platform.hf_interop import transformers_twin  # noqa: E402
 from upcycle.platform.metrics import train_flops_per_token  # noqa: E402
 from upcycle.platform.step import build_chunks, build_optimizer, forward_step  # noqa: E402
-
-
-def median_seconds(fn, steps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def our_step(cfg, layout, batch: Batch):

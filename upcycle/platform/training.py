@@ -299,7 +299,7 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
         metrics = _reduce_step_metrics(job, losses, n_micro)
         elapsed = time.perf_counter() - began
         metrics.update(
-            grad_norm=float(grad_norm),
+            grad_norm=float("nan") if grad_norm is None else float(grad_norm),  # clip_grad=0
             lr=lr,
             tokens_per_s=layout.global_batch_size * t.seq_length / elapsed,
             step_time_s=elapsed,

@@ -1,0 +1,302 @@
+"""Continuous batching: requests join the running batch between forwards and leave when done.
+
+`Engine` is the synchronous core (easy to test without a server): each `step()` admits waiting
+requests into free KV-cache slots, builds one `StepPlan` holding one token per decoding sequence
+plus prefill chunks of new prompts (at most `max_step_tokens` in all, so a long prompt never
+stalls the running streams for long), runs one forward, samples, and returns the new text of
+every sequence that produced a token. `AsyncEngine` runs that loop on one thread of its own (all
+torch work of a runner must stay on one thread) and hands each request an async stream.
+
+Why not megatron-core's engines: its static-batching engine decodes a fixed batch to the end
+(no joining mid-flight) and its dynamic engine needs CUDA (see upcycle.deploy.kv_cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from upcycle.deploy.kv_cache import StepPlan
+from upcycle.deploy.sampling import SamplingParams, sample
+
+
+@dataclass
+class Output:
+    """What one step produced for one request."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None (more to come)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+    cached: int = 0  # tokens whose keys/values are in the cache
+    text: str = ""  # text sent so far
+    finish_reason: str | None = None
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt + self.generated
+
+
+class Engine:
+    """The scheduler around a forward function (`ModelRunner.forward`)."""
+
+    def __init__(
+        self,
+        forward: Callable[[StepPlan], torch.Tensor],
+        *,
+        max_num_seqs: int,
+        max_model_len: int,
+        max_step_tokens: int,
+        eos_ids: tuple[int, ...],
+        vocab_limit: int,
+        decode: Callable[[list[int]], str],
+    ):
+        self.forward = forward
+        self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
+        self.max_step_tokens = max_step_tokens
+        self.eos_ids, self.vocab_limit, self.decode = set(eos_ids), vocab_limit, decode
+        self.waiting: collections.deque[_Sequence] = collections.deque()
+        self.running: list[_Sequence] = []
+        self.free_slots = list(range(max_num_seqs))[::-1]
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (naming the field) for a request this engine cannot serve."""
+        params.check()
+        if not prompt:
+            raise ValueError("prompt: must not be empty")
+        if bad := [t for t in prompt if not 0 <= t < self.vocab_limit]:
+            raise ValueError(f"prompt: token ids {bad[:4]} outside [0, {self.vocab_limit})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(prompt)} tokens; this model's context is {self.max_model_len} "
+                "tokens (prompt + completion)"
+            )
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens: {params.max_tokens} + {len(prompt)} prompt tokens exceeds the "
+                f"context of {self.max_model_len}; use max_tokens <= "
+                f"{self.max_model_len - len(prompt)}"
+            )
+
+    def add(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        self.check(prompt, params)
+        seq = _Sequence(request_id or uuid.uuid4().hex, list(prompt), params, params.generator())
+        self.waiting.append(seq)
+        return seq.request_id
+
+    def abort(self, request_id: str) -> None:
+        self.waiting = collections.deque(s for s in self.waiting if s.request_id != request_id)
+        for seq in self.running:
+            if seq.request_id == request_id:
+                seq.finish_reason = "abort"
+        self._release()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> list[Output]:
+        """One forward over the running batch; the outputs of the sequences that advanced."""
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot = self.free_slots.pop()
+            self.running.append(seq)
+        plan, fed = self._plan()
+        if not fed:
+            return []
+        logits = self.forward(plan)
+        logits[:, self.vocab_limit :] = float("-inf")
+        ready = [(i, s) for i, s in enumerate(fed) if s.cached == len(s.ids)]
+        rows = [i for i, _ in ready]
+        tokens = sample(
+            logits[rows], [s.params for _, s in ready], [s.generator for _, s in ready]
+        )
+        outputs = [self._advance(seq, tok) for (_, seq), tok in zip(ready, tokens, strict=True)]
+        self._release()
+        return outputs
+
+    def _plan(self) -> tuple[StepPlan, list[_Sequence]]:
+        decoding = [s for s in self.running if len(s.ids) - s.cached == 1]
+        prefilling = [s for s in self.running if len(s.ids) - s.cached > 1]
+        budget = max(self.max_step_tokens - len(decoding), 1 if not decoding else 0)
+        tokens, slots, offsets, lengths, fed = [], [], [], [], []
+        for seq in decoding + prefilling:
+            n = len(seq.ids) - seq.cached
+            if seq in prefilling:
+                n = min(n, budget)
+                budget -= n
+                if n == 0:
+                    continue
+            tokens += seq.ids[seq.cached : seq.cached + n]
+            slots.append(seq.slot)
+            offsets.append(seq.cached)
+            lengths.append(n)
+            seq.cached += n
+            fed.append(seq)
+        return StepPlan(tokens, slots, offsets, lengths), fed
+
+    def _advance(self, seq: _Sequence, token: int) -> Output:
+        seq.generated.append(token)
+        p = seq.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            seq.finish_reason = "stop"
+            body = seq.generated[:-1]
+        else:
+            body = seq.generated
+        text = self.decode(body)
+        cut = _first_stop(text, p.stop)
+        if cut is not None:
+            text, seq.finish_reason = text[:cut], "stop"
+        elif seq.finish_reason is None:
+            if len(seq.generated) >= p.max_tokens or len(seq.ids) >= self.max_model_len:
+                seq.finish_reason = "length"
+            else:
+                text = text[: len(text) - _held_back(text, p.stop)]
+        new, seq.text = text[len(seq.text) :], text
+        return Output(
+            seq.request_id,
+            [token],
+            new,
+            seq.finish_reason,
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=len(seq.generated),
+        )
+
+    def _release(self) -> None:
+        for seq in self.running:
+            if seq.finish_reason is not None:
+                self.free_slots.append(seq.slot)
+        self.running = [s for s in self.running if s.finish_reason is None]
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of `text` not to send yet: an incomplete UTF-8 character (decoded
+    as U+FFFD), or the start of a stop string that the next tokens may complete."""
+    if text.endswith("\ufffd"):
+        return len(text) - len(text.rstrip("\ufffd"))
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+class AsyncEngine:
+    """`Engine` on a thread of its own, with one async stream of `Output`s per request.
+
+    `make_forward` runs on that thread and returns the forward function (it builds the model
+    there: megatron's CPU patches and any CUDA context belong to the thread that uses them).
+    """
+
+    def __init__(self, make_forward: Callable[[], Callable[[StepPlan], torch.Tensor]], **engine):
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._engine_args = engine
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.engine: Engine | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(make_forward,), name="upcycle-engine", daemon=True
+        )
+        self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        if not self._ready.wait(timeout):
+            raise TimeoutError("the model did not load in time")
+        if self._error:
+            raise RuntimeError(f"the model failed to load: {self._error}") from self._error
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        self.wait_ready()
+        self.engine.check(prompt, params)
+
+    async def generate(
+        self, prompt: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[Output]:
+        """The outputs of one request as they come; raises ValueError for a bad request."""
+        self.check(prompt, params)
+        request_id = request_id or uuid.uuid4().hex
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._commands.put(("add", (prompt, params, request_id)))
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finish_reason is not None
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._commands.put(("stop", None))
+        self._thread.join(timeout=60)
+
+    def _run(self, make_forward) -> None:
+        try:
+            self.engine = Engine(make_forward(), **self._engine_args)
+        except BaseException as e:  # reported by wait_ready
+            self._error = e
+            return
+        finally:
+            self._ready.set()
+        engine = self.engine
+        while True:
+            block = not engine.has_work
+            try:
+                while True:
+                    kind, arg = self._commands.get(block=block)
+                    block = False
+                    if kind == "stop":
+                        return
+                    if kind == "add":
+                        engine.add(*arg)
+                    else:
+                        engine.abort(arg)
+            except queue.Empty:
+                pass
+            try:
+                outputs = engine.step()
+            except Exception as e:  # a failed forward fails every request in flight
+                outputs = []
+                for seq in list(engine.running) + list(engine.waiting):
+                    self._deliver(seq.request_id, e)
+                    engine.abort(seq.request_id)
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)

@@ -1,0 +1,114 @@
+"""A slot-based KV cache plugged into megatron-core's own attention layers.
+
+Why our own and not megatron-core's inference contexts: `StaticInferenceContext` keeps one
+`sequence_len_offset` for the whole batch (every request at the same position: no continuous
+batching), and `DynamicInferenceContext` (paged, ragged) is built on CUDA-only pieces (CUDA
+memory pools, Triton/flashinfer kernels, CUDA graphs) that do not run on CPU. So every module of
+the model stays megatron-core's (embedding, QKV/proj linears with their TP collectives, RoPE
+application, MoE layer with its dispatcher, norms, output layer); only `core_attention`, the
+softmax(QK^T)V kernel, is swapped for `CachedAttention`, which writes this step's keys and values
+into the cache and attends over each sequence's cached prefix.
+
+A step is a flat run of tokens from several sequences (`StepPlan`): decode steps give one token
+per sequence, prefill chunks many; both mix freely in one forward. Tokens travel in megatron's
+[s, b, h] layout as [T, 1, h], so the linears and the MoE layer see T tokens, whatever sequence
+they belong to; RoPE gets each token's own position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class StepPlan:
+    """One forward: sequence i feeds `tokens[starts[i]:starts[i]+lengths[i]]` into cache slot
+    `slots[i]` at positions `offsets[i], offsets[i]+1, ...`."""
+
+    tokens: list[int]
+    slots: list[int]
+    offsets: list[int]
+    lengths: list[int]
+
+    def __post_init__(self) -> None:
+        if not (len(self.slots) == len(self.offsets) == len(self.lengths)):
+            raise ValueError("StepPlan: slots, offsets and lengths differ in length")
+        if sum(self.lengths) != len(self.tokens):
+            raise ValueError("StepPlan: lengths do not add up to the token count")
+
+
+class StepIndex:
+    """The tensors `CachedAttention` needs for one plan, computed once per forward."""
+
+    def __init__(self, plan: StepPlan, device: torch.device):
+        lengths = torch.tensor(plan.lengths)
+        seg = torch.repeat_interleave(torch.arange(len(plan.lengths)), lengths)
+        first = torch.cumsum(lengths, 0) - lengths
+        within = torch.arange(len(plan.tokens)) - first[seg]
+        self.positions = (torch.tensor(plan.offsets)[seg] + within).to(device)
+        self.token_slots = torch.tensor(plan.slots)[seg].to(device)
+        self.seq_slots = torch.tensor(plan.slots, device=device)
+        self.seg, self.within = seg.to(device), within.to(device)
+        self.num_seqs, self.max_len = len(plan.lengths), int(lengths.max())
+        self.kv_len = max(o + n for o, n in zip(plan.offsets, plan.lengths, strict=True))
+        ends = torch.tensor([o + n for o, n in zip(plan.offsets, plan.lengths, strict=True)])
+        self.last_token = (first + lengths - 1).to(device)  # each sequence's last row in the plan
+        # query row (i, j) sits at position offsets[i] + j; padded rows get the last real one
+        q_pos = torch.tensor(plan.offsets)[:, None] + torch.arange(self.max_len)[None, :]
+        q_pos = torch.minimum(q_pos, (ends - 1)[:, None])
+        key_pos = torch.arange(self.kv_len)
+        self.mask = (key_pos[None, None, None, :] <= q_pos[:, None, :, None]).to(device)
+
+
+class KVCache:
+    """Keys and values per layer: [slots, kv_heads (this TP rank's), max_len, head_dim]."""
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype):
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
+        self.slots, self.max_len = slots, max_len
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class CachedAttention(torch.nn.Module):
+    """Drop-in for megatron-core's `DotProductAttention` that reads and writes the KV cache.
+
+    Called by megatron's `Attention.forward` with RoPE already applied: query [T, 1, heads, d],
+    key/value [T, 1, kv_heads, d]; returns [T, 1, heads * d] like the module it replaces.
+    """
+
+    def __init__(self, cache: KVCache, layer: int, runner_state: dict):
+        super().__init__()
+        self.cache, self.layer, self.state = cache, layer, runner_state
+
+    def forward(self, query, key, value, attention_mask=None, **_ignored):
+        idx: StepIndex = self.state["index"]
+        k_cache, v_cache = self.cache.keys[self.layer], self.cache.values[self.layer]
+        k_cache[idx.token_slots, :, idx.positions] = key[:, 0]
+        v_cache[idx.token_slots, :, idx.positions] = value[:, 0]
+        heads, d = query.shape[2], query.shape[3]
+        q = query.new_zeros(idx.num_seqs, idx.max_len, heads, d)
+        q[idx.seg, idx.within] = query[:, 0]
+        k = k_cache[idx.seq_slots, :, : idx.kv_len]
+        v = v_cache[idx.seq_slots, :, : idx.kv_len]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k, v, attn_mask=idx.mask, enable_gqa=k.shape[1] != heads
+        )  # [B, heads, max_len, d]
+        out = out.transpose(1, 2)[idx.seg, idx.within]  # [T, heads, d]
+        return out.reshape(out.shape[0], 1, heads * d)
+
+
+def install(model: torch.nn.Module, cache: KVCache) -> dict:
+    """Swap every layer's core attention for `CachedAttention`; returns the shared step state
+    (`state["index"] = StepIndex(...)` before each forward)."""
+    state: dict = {}
+    for i, layer in enumerate(model.decoder.layers):
+        layer.self_attention.core_attention = CachedAttention(cache, i, state)
+    return state

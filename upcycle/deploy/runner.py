@@ -1,0 +1,179 @@
+"""One model replica: the training `GPTModel`, its weights, a KV cache, and the ranks it spans.
+
+With tp * ep == 1 the model lives in the calling process. Otherwise the caller is rank 0 and
+starts tp * ep - 1 Ray actors (`FollowerRank`) for the other ranks: they join a torch.distributed
+group (gloo on CPU, NCCL on GPU), build the same model under the same `Layout` (megatron-core's
+parallel state) and load their shard of the same checkpoint (dist checkpoints reshard on load).
+Each step rank 0 broadcasts the `StepPlan` (a few lists of ints) and every rank runs the forward;
+megatron's TP/EP collectives do the rest and rank 0 gets the full-vocabulary logits. The
+followers are owned by the caller: when a Serve replica dies, Ray takes its followers with it.
+
+Every torch call of a runner must come from one thread (megatron's CPU patches are per thread,
+see upcycle.platform.cpu); `upcycle.deploy.engine` keeps it so.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from upcycle import runtime
+from upcycle.config import ConfigError, Layout, ModelConfig
+from upcycle.deploy import kv_cache
+from upcycle.deploy.kv_cache import KVCache, StepIndex, StepPlan
+from upcycle.platform.checkpoint import load_checkpoint, read_model_config
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """How one replica holds its model (the `engine` section of a serve spec)."""
+
+    tp: int = 1
+    ep: int = 1
+    max_num_seqs: int = 16  # KV cache slots: sequences decoded together
+    max_model_len: int = 2048  # prompt + completion tokens per sequence
+    max_step_tokens: int = 512  # prefill tokens per forward (longer prompts go in chunks)
+    threads: int = 0  # torch threads per rank; 0 keeps torch's default
+
+    def check(self, cfg: ModelConfig) -> None:
+        for name in ("tp", "ep", "max_num_seqs", "max_model_len", "max_step_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"engine.{name}", "must be >= 1")
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ConfigError(
+                "engine.max_model_len",
+                f"{self.max_model_len} exceeds the model's max_position_embeddings "
+                f"{cfg.max_position_embeddings}",
+            )
+        # sequence parallelism is a training-time requirement of megatron's MoE layer (it
+        # asserts it only in training); serving runs without it, so the check assumes it on.
+        layout = Layout(tp=self.tp, ep=self.ep, sequence_parallel=True)
+        try:
+            layout.resolve(self.tp * self.ep).check_model(cfg)
+        except ConfigError as e:
+            field = e.field.replace("layout.", "engine.")
+            raise ConfigError(field, str(e).split(": ", 1)[1]) from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class ModelRunner:
+    """Rank `rank` of a replica: builds the model and runs `forward(plan)`."""
+
+    def __init__(self, ckpt: Path, rc: RunnerConfig, *, rank: int = 0, master: str = ""):
+        from upcycle.dense.megatron_config import to_transformer_config
+        from upcycle.moe.model import build_model
+        from upcycle.platform.distributed import init_parallel_state
+
+        if rc.threads:
+            torch.set_num_threads(rc.threads)
+        self.cfg, self.rc, self.rank = read_model_config(ckpt), rc, rank
+        rc.check(self.cfg)
+        self.world = rc.tp * rc.ep
+        self._followers: list = []
+        if rank == 0 and self.world > 1:
+            master = f"{_node_ip()}:{_free_port()}"
+            self._followers = _start_followers(ckpt, rc, master)
+        if not dist.is_initialized():
+            dist.init_process_group(
+                runtime.distributed_backend(),
+                init_method=f"tcp://{master or '127.0.0.1:%d' % _free_port()}",
+                world_size=self.world,
+                rank=rank,
+                timeout=datetime.timedelta(minutes=10),
+            )
+        layout = init_parallel_state(Layout(tp=rc.tp, ep=rc.ep))
+        dtype = torch.bfloat16 if runtime.has_cuda() else torch.float32
+        tconfig = to_transformer_config(self.cfg, layout, params_dtype=dtype)
+        self.model = build_model(self.cfg, tconfig).to(runtime.device()).eval()
+        load_checkpoint(self.model, ckpt)
+        attn = self.model.decoder.layers[0].self_attention
+        self.cache = KVCache(
+            self.cfg.num_layers,
+            rc.max_num_seqs,
+            attn.num_query_groups_per_partition,
+            rc.max_model_len,
+            self.cfg.head_dim,
+            dtype,
+        )
+        self.cache.keys = [t.to(runtime.device()) for t in self.cache.keys]
+        self.cache.values = [t.to(runtime.device()) for t in self.cache.values]
+        self._state = kv_cache.install(self.model, self.cache)
+        self._rope = self.model.rotary_pos_emb(rc.max_model_len)  # [len, 1, 1, head_dim]
+
+    def forward(self, plan: StepPlan) -> torch.Tensor:
+        """Logits [num_seqs, vocab] (fp32, on the CPU) of each sequence's last token in `plan`
+        (rank 0: the plan goes to the followers first)."""
+        if self.world > 1:
+            dist.broadcast_object_list([plan], src=0)
+        return self._compute(plan)
+
+    def follow(self) -> None:
+        """A follower's life: run each broadcast plan until rank 0 sends `None`."""
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is None:
+                return
+            self._compute(box[0])
+
+    @torch.no_grad()
+    def _compute(self, plan: StepPlan) -> torch.Tensor:
+        device = runtime.device()
+        index = StepIndex(plan, device)
+        self._state["index"] = index
+        m = self.model
+        tokens = torch.tensor(plan.tokens, device=device)[None, :]
+        hidden = m.embedding(input_ids=tokens, position_ids=index.positions[None, :])
+        hidden = m.decoder(hidden, attention_mask=None, rotary_pos_emb=self._rope[index.positions])
+        hidden = hidden[index.last_token]  # [num_seqs, 1, hidden]
+        tied = m.share_embeddings_and_output_weights
+        weight = m.shared_embedding_or_output_weight() if tied else None
+        logits, _ = m.output_layer(hidden, weight=weight, runtime_gather_output=True)
+        return logits[:, 0].float().cpu()
+
+    def close(self) -> None:
+        """Stop the followers (rank 0) and leave the process group."""
+        if self.rank == 0 and self._followers:
+            dist.broadcast_object_list([None], src=0)
+            import ray
+
+            ray.get([f.__ray_terminate__.remote() for f in self._followers], timeout=60)
+            self._followers = []
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+def _start_followers(ckpt: Path, rc: RunnerConfig, master: str) -> list:
+    import ray
+
+    follower = ray.remote(num_cpus=max(rc.threads, 1), num_gpus=int(runtime.has_cuda()))(
+        FollowerRank
+    )
+    actors = [follower.remote() for _ in range(rc.tp * rc.ep - 1)]
+    for rank, actor in enumerate(actors, start=1):
+        actor.run.remote(str(ckpt), rc, rank, master)
+    return actors
+
+
+class FollowerRank:
+    """Ranks 1..N-1 of a replica: build the model, then run every plan rank 0 broadcasts."""
+
+    def run(self, ckpt: str, rc: RunnerConfig, rank: int, master: str) -> None:
+        from upcycle.platform.cpu import apply_cpu_patches
+
+        apply_cpu_patches()
+        ModelRunner(Path(ckpt), rc, rank=rank, master=master).follow()

@@ -56,6 +56,27 @@ class _Sequence:
         return self.prompt + self.generated
 
 
+def check_request(
+    prompt: list[int], params: SamplingParams, *, max_model_len: int, vocab_limit: int
+) -> None:
+    """Raise ValueError ("field: why") for a request an engine with these limits cannot serve."""
+    params.check()
+    if not prompt:
+        raise ValueError("prompt: must not be empty")
+    if bad := [t for t in prompt if not 0 <= t < vocab_limit]:
+        raise ValueError(f"prompt: token ids {bad[:4]} outside [0, {vocab_limit})")
+    if len(prompt) >= max_model_len:
+        raise ValueError(
+            f"prompt: {len(prompt)} tokens; this model's context is {max_model_len} "
+            "tokens (prompt + completion)"
+        )
+    if len(prompt) + params.max_tokens > max_model_len:
+        raise ValueError(
+            f"max_tokens: {params.max_tokens} + {len(prompt)} prompt tokens exceeds the "
+            f"context of {max_model_len}; use max_tokens <= {max_model_len - len(prompt)}"
+        )
+
+
 class Engine:
     """The scheduler around a forward function (`ModelRunner.forward`)."""
 
@@ -79,23 +100,9 @@ class Engine:
         self.free_slots = list(range(max_num_seqs))[::-1]
 
     def check(self, prompt: list[int], params: SamplingParams) -> None:
-        """Raise ValueError (naming the field) for a request this engine cannot serve."""
-        params.check()
-        if not prompt:
-            raise ValueError("prompt: must not be empty")
-        if bad := [t for t in prompt if not 0 <= t < self.vocab_limit]:
-            raise ValueError(f"prompt: token ids {bad[:4]} outside [0, {self.vocab_limit})")
-        if len(prompt) >= self.max_model_len:
-            raise ValueError(
-                f"prompt: {len(prompt)} tokens; this model's context is {self.max_model_len} "
-                "tokens (prompt + completion)"
-            )
-        if len(prompt) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"max_tokens: {params.max_tokens} + {len(prompt)} prompt tokens exceeds the "
-                f"context of {self.max_model_len}; use max_tokens <= "
-                f"{self.max_model_len - len(prompt)}"
-            )
+        check_request(
+            prompt, params, max_model_len=self.max_model_len, vocab_limit=self.vocab_limit
+        )
 
     def add(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         self.check(prompt, params)
@@ -127,9 +134,7 @@ class Engine:
         logits[:, self.vocab_limit :] = float("-inf")
         ready = [(i, s) for i, s in enumerate(fed) if s.cached == len(s.ids)]
         rows = [i for i, _ in ready]
-        tokens = sample(
-            logits[rows], [s.params for _, s in ready], [s.generator for _, s in ready]
-        )
+        tokens = sample(logits[rows], [s.params for _, s in ready], [s.generator for _, s in ready])
         outputs = [self._advance(seq, tok) for (_, seq), tok in zip(ready, tokens, strict=True)]
         self._release()
         return outputs
@@ -231,6 +236,10 @@ class AsyncEngine:
             raise TimeoutError("the model did not load in time")
         if self._error:
             raise RuntimeError(f"the model failed to load: {self._error}") from self._error
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._error is None
 
     def check(self, prompt: list[int], params: SamplingParams) -> None:
         self.wait_ready()

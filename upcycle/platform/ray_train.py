@@ -32,7 +32,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from upcycle import runtime
 from upcycle.platform.checkpoint import newest_valid
-from upcycle.platform.tracking import default_tracking_uri
+from upcycle.platform.tracking import CHECKPOINTS_TAG, default_tracking_uri
 from upcycle.platform.training import TrainJob, train
 
 CHECKPOINT_PREFIX = "step_"
@@ -120,7 +120,11 @@ def fit(
         resume_from=absolute(job.resume_from),
         tracking_uri=job.tracking_uri or default_tracking_uri(),
         tracking_dir=job.tracking_dir or str(storage_path / job.name / "tracking"),
-        tags={"git_revision": git_revision(), **job.tags},
+        tags={
+            "git_revision": git_revision(),
+            CHECKPOINTS_TAG: str(storage_path / job.name),  # `upcycle serve --model runs:/ID`
+            **job.tags,
+        },
     )
     trainer = TorchTrainer(
         _worker,

@@ -25,6 +25,7 @@ EVENTS = "events.jsonl"
 STATE = "state.json"
 RETRY_AFTER_S = 30.0
 _BATCH = 1000  # MLflow's log_batch limit on metrics per call
+CHECKPOINTS_TAG = "checkpoints"  # run tag: the folder holding a training run's step_* checkpoints
 
 
 def default_tracking_uri(workdir: Path | None = None) -> str:

@@ -1,0 +1,251 @@
+"""The Ray Serve application: an OpenAI-compatible FastAPI ingress in front of engine replicas.
+
+    client --HTTP--> Ingress (FastAPI: schemas, ChatML, tokenizer, SSE) --handle--> EngineReplica
+
+`EngineReplica` holds the training `GPTModel` through a `ModelRunner` (and, for tp * ep > 1,
+the Ray actors of its other ranks) and runs continuous batching (`AsyncEngine`); it autoscales on
+ongoing requests. The ingress validates every request before any engine time is spent (bad input
+is a 4xx with OpenAI's error body, never a 500) and streams tokens back as server-sent events.
+If an engine replica dies mid-request, the ingress sends the request again to another replica
+(or the one Serve starts in its place) with the tokens already produced appended to the prompt,
+so the client sees one uninterrupted completion (`retries` times at most).
+
+`build_app(spec)` is also a Ray Serve application builder (`import_path:
+upcycle.deploy.app:build_app`, `args:` the serve spec), used by `serve run`/`serve deploy` config
+files and KubeRay's RayService (see serve-config.yaml and rayservice.yaml beside this module).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.handle import DeploymentHandle
+
+from upcycle.deploy import api
+from upcycle.deploy.api import OpenAIError
+from upcycle.deploy.engine import check_request
+from upcycle.deploy.sampling import SamplingParams
+from upcycle.deploy.spec import ServeSpec
+
+log = logging.getLogger(__name__)
+http = FastAPI(title="upcycle", description="OpenAI-compatible API over upcycle's models")
+
+
+@http.exception_handler(RequestValidationError)
+async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    err = api.validation_error(list(exc.errors()))
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+@http.exception_handler(OpenAIError)
+async def _openai_error(_request: Request, exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def _engine_limits(ckpt: str) -> tuple[int, tuple[int, ...]]:
+    from upcycle.dense.tokenizer import get_tokenizer
+    from upcycle.platform.checkpoint import read_model_config
+
+    tok = get_tokenizer()
+    vocab_limit = min(read_model_config(Path(ckpt)).vocab_size, tok.vocab_size)
+    return vocab_limit, (tok.eot_id, tok.im_end_id)
+
+
+@serve.deployment
+class EngineReplica:
+    """One model replica with continuous batching; `generate` streams dicts of `Output`."""
+
+    def __init__(self, ckpt: str, runner: dict):
+        from upcycle.deploy.engine import AsyncEngine
+        from upcycle.deploy.runner import ModelRunner, RunnerConfig
+        from upcycle.dense.tokenizer import get_tokenizer
+
+        rc = RunnerConfig(**runner)
+        vocab_limit, eos = _engine_limits(ckpt)
+        self.engine = AsyncEngine(
+            lambda: ModelRunner(Path(ckpt), rc).forward,
+            max_num_seqs=rc.max_num_seqs,
+            max_model_len=rc.max_model_len,
+            max_step_tokens=rc.max_step_tokens,
+            eos_ids=eos,
+            vocab_limit=vocab_limit,
+            decode=get_tokenizer().decode,
+        )
+        self.engine.wait_ready(timeout=900)
+
+    async def generate(self, prompt: list[int], params: dict) -> AsyncIterator[dict]:
+        async for out in self.engine.generate(prompt, SamplingParams(**params)):
+            yield dataclasses.asdict(out)
+
+    def check_health(self) -> None:
+        if not self.engine.alive:
+            raise RuntimeError("the engine thread has stopped")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(http)
+class Ingress:
+    def __init__(self, engine: DeploymentHandle, model: str, ckpt: str, runner: dict, retries: int):
+        from upcycle.dense.tokenizer import get_tokenizer
+
+        self.engine, self.model, self.retries = engine, model, retries
+        self.max_model_len = runner["max_model_len"]
+        self.vocab_limit, _ = _engine_limits(ckpt)
+        self.tok = get_tokenizer()
+
+    @http.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @http.get("/v1/models")
+    async def models(self) -> dict:
+        entry = {"id": self.model, "object": "model", "created": 0, "owned_by": "upcycle"}
+        return {"object": "list", "data": [entry]}
+
+    @http.post("/v1/completions")
+    async def completions(self, req: api.CompletionRequest):
+        prompt = req.text()
+        ids = self.tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        params = self._checked(req, ids, req.sampling(default_max_tokens=16))
+        rid = api.new_id("cmpl")
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            def chunk(out: dict) -> dict:
+                return api.completion(rid, self.model, out["text"], out["finish_reason"], None)
+
+            return self._sse(ids, params, chunk, include_usage, usage_chunk=self._usage_chunk(rid))
+        text, finish, use = await self._collect(ids, params)
+        return api.completion(rid, self.model, text, finish, use)
+
+    @http.post("/v1/chat/completions")
+    async def chat(self, req: api.ChatRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        ids = self.tok.apply_chat_template(messages)
+        params = self._checked(req, ids, req.sampling(self.max_model_len - len(ids)))
+        rid = api.new_id("chatcmpl")
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            first = [True]
+
+            def chunk(out: dict) -> dict:
+                delta = {"content": out["text"]}
+                if first[0]:
+                    delta, first[0] = {"role": "assistant", **delta}, False
+                return api.chat_chunk(rid, self.model, delta, out["finish_reason"])
+
+            def usage_chunk(use: dict) -> dict:
+                return api.chat_chunk(rid, self.model, {}, None, use)
+
+            return self._sse(ids, params, chunk, include_usage, usage_chunk=usage_chunk)
+        text, finish, use = await self._collect(ids, params)
+        return api.chat_completion(rid, self.model, text, finish, use)
+
+    def _usage_chunk(self, rid: str):
+        def usage_chunk(use: dict) -> dict:
+            body = api.completion(rid, self.model, "", None, use)
+            body["choices"] = []
+            return body
+
+        return usage_chunk
+
+    def _checked(self, req, ids: list[int], params: SamplingParams) -> SamplingParams:
+        if req.model != self.model:
+            raise OpenAIError(
+                404,
+                f"model {req.model!r} does not exist; this server has {self.model!r}",
+                param="model",
+                code="model_not_found",
+            )
+        try:
+            check_request(
+                ids, params, max_model_len=self.max_model_len, vocab_limit=self.vocab_limit
+            )
+        except ValueError as e:
+            raise OpenAIError(400, str(e), param=str(e).split(":", 1)[0]) from None
+        return params
+
+    async def _collect(self, ids: list[int], params: SamplingParams) -> tuple[str, str, dict]:
+        parts, finish, last = [], None, None
+        async for out in self._generate(ids, params):
+            parts.append(out["text"])
+            finish, last = out["finish_reason"], out
+        return "".join(parts), finish, api.usage(len(ids), last["completion_tokens"])
+
+    def _sse(self, ids, params, chunk, include_usage: bool, *, usage_chunk) -> StreamingResponse:
+        async def events() -> AsyncIterator[str]:
+            last = None
+            try:
+                async for out in self._generate(ids, params):
+                    last = out
+                    yield f"data: {json.dumps(chunk(out))}\n\n"
+                if include_usage and last:
+                    use = api.usage(len(ids), last["completion_tokens"])
+                    yield f"data: {json.dumps(usage_chunk(use))}\n\n"
+            except OpenAIError as e:
+                yield f"data: {json.dumps(e.body())}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def _generate(self, ids: list[int], params: SamplingParams) -> AsyncIterator[dict]:
+        """The engine's outputs, sent again (continuing from the tokens already produced) to
+        another replica when the one serving it dies."""
+        produced: list[int] = []
+        for attempt in range(self.retries + 1):
+            left = dataclasses.replace(params, max_tokens=params.max_tokens - len(produced))
+            stream = self.engine.options(stream=True).generate.remote(
+                ids + produced, dataclasses.asdict(left)
+            )
+            try:
+                async for out in stream:
+                    produced += out["token_ids"]
+                    out["completion_tokens"] = len(produced)
+                    yield out
+                return
+            except RayActorError as e:
+                if attempt == self.retries:
+                    raise OpenAIError(503, "the model replica died; try again later") from e
+                log.warning("engine replica died (%s); continuing on another one", e)
+                await asyncio.sleep(0.5 * (attempt + 1))
+
+
+def build_app(args: dict | ServeSpec):
+    """The Serve application for a serve spec (a Ray Serve application builder)."""
+    from upcycle.deploy.sources import resolve
+    from upcycle.platform.checkpoint import read_model_config
+
+    spec = args if isinstance(args, ServeSpec) else ServeSpec.parse(dict(args))
+    cache = Path(os.environ.get("UPCYCLE_CACHE", "~/.cache/upcycle")).expanduser()
+    ckpt = resolve(spec.model, cache_dir=cache)
+    cfg = read_model_config(ckpt)
+    rc = spec.engine.runner()
+    rc.check(cfg)
+    scaling = spec.autoscaling.model_dump(exclude_none=True)
+    engine = EngineReplica.options(
+        autoscaling_config=scaling,
+        max_ongoing_requests=spec.max_ongoing_requests,
+        ray_actor_options={"num_cpus": spec.engine.cpus_per_rank},
+        health_check_period_s=5,
+    ).bind(str(ckpt), dataclasses.asdict(rc))
+    return Ingress.options(max_ongoing_requests=1000).bind(
+        engine, spec.name or cfg.name, str(ckpt), dataclasses.asdict(rc), spec.retries
+    )
+
+
+def run(spec: ServeSpec, *, blocking: bool = False) -> str:
+    """Deploy `spec` on the connected Ray cluster; returns the base URL."""
+    serve.start(http_options={"host": spec.http.host, "port": spec.http.port})
+    serve.run(build_app(spec), name=spec.app_name, route_prefix="/", blocking=blocking)
+    return f"http://{spec.http.host}:{spec.http.port}"

@@ -67,9 +67,9 @@ class EngineReplica:
     """One model replica with continuous batching; `generate` streams dicts of `Output`."""
 
     def __init__(self, ckpt: str, runner: dict):
+        from upcycle.dense.tokenizer import get_tokenizer
         from upcycle.deploy.engine import AsyncEngine
         from upcycle.deploy.runner import ModelRunner, RunnerConfig
-        from upcycle.dense.tokenizer import get_tokenizer
 
         rc = RunnerConfig(**runner)
         vocab_limit, eos = _engine_limits(ckpt)

@@ -87,7 +87,7 @@ class ModelRunner:
         if not dist.is_initialized():
             dist.init_process_group(
                 runtime.distributed_backend(),
-                init_method=f"tcp://{master or '127.0.0.1:%d' % _free_port()}",
+                init_method=f"tcp://{master or f'127.0.0.1:{_free_port()}'}",
                 world_size=self.world,
                 rank=rank,
                 timeout=datetime.timedelta(minutes=10),

@@ -88,6 +88,16 @@ class EngineReplica:
         async for out in self.engine.generate(prompt, SamplingParams(**params)):
             yield dataclasses.asdict(out)
 
+    def stats(self) -> dict:
+        """This replica's process and load (for operators and the replica-failure test)."""
+        engine = self.engine.engine
+        return {
+            "pid": os.getpid(),
+            "running": len(engine.running),
+            "waiting": len(engine.waiting),
+            "free_slots": len(engine.free_slots),
+        }
+
     def check_health(self) -> None:
         if not self.engine.alive:
             raise RuntimeError("the engine thread has stopped")
@@ -133,7 +143,7 @@ class Ingress:
     async def chat(self, req: api.ChatRequest):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         ids = self.tok.apply_chat_template(messages)
-        params = self._checked(req, ids, req.sampling(self.max_model_len - len(ids)))
+        params = self._checked(req, ids, req.sampling(max(self.max_model_len - len(ids), 1)))
         rid = api.new_id("chatcmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -247,5 +257,5 @@ def build_app(args: dict | ServeSpec):
 def run(spec: ServeSpec, *, blocking: bool = False) -> str:
     """Deploy `spec` on the connected Ray cluster; returns the base URL."""
     serve.start(http_options={"host": spec.http.host, "port": spec.http.port})
-    serve.run(build_app(spec), name=spec.app_name, route_prefix="/", blocking=blocking)
-    return f"http://{spec.http.host}:{spec.http.port}"
+    serve.run(build_app(spec), name=spec.app_name, route_prefix=spec.route_prefix, blocking=blocking)
+    return f"http://{spec.http.host}:{spec.http.port}{spec.route_prefix.rstrip('/')}"

@@ -60,7 +60,6 @@ def check_request(
     prompt: list[int], params: SamplingParams, *, max_model_len: int, vocab_limit: int
 ) -> None:
     """Raise ValueError ("field: why") for a request an engine with these limits cannot serve."""
-    params.check()
     if not prompt:
         raise ValueError("prompt: must not be empty")
     if bad := [t for t in prompt if not 0 <= t < vocab_limit]:
@@ -70,6 +69,7 @@ def check_request(
             f"prompt: {len(prompt)} tokens; this model's context is {max_model_len} "
             "tokens (prompt + completion)"
         )
+    params.check()
     if len(prompt) + params.max_tokens > max_model_len:
         raise ValueError(
             f"max_tokens: {params.max_tokens} + {len(prompt)} prompt tokens exceeds the "

@@ -53,6 +53,8 @@ class AutoscalingSpec(_Strict):
     target_ongoing_requests: float = Field(default=8, gt=0)
     upscale_delay_s: float = Field(default=2.0, ge=0)
     downscale_delay_s: float = Field(default=30.0, ge=0)
+    metrics_interval_s: float = Field(default=2.0, gt=0)  # how often load is reported
+    look_back_period_s: float = Field(default=10.0, gt=0)  # the window it is averaged over
 
     @model_validator(mode="after")
     def _order(self):
@@ -75,6 +77,7 @@ class ServeSpec(_Strict):
     retries: int = Field(default=3, ge=0)  # re-sends of a request whose replica died
     http: HttpSpec = HttpSpec()
     app_name: str = "upcycle"
+    route_prefix: str = Field(default="/", pattern=r"^/")
 
     @classmethod
     def parse(cls, data: dict, source: str = "serve spec") -> ServeSpec:

@@ -1,0 +1,168 @@
+"""The generation engine against outside references: transformers' `generate` on the same weights
+(greedy, token for token), sequential against concurrent requests, sampling against its
+definition, stop rules against the text they cut."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_qwen2, tiny_qwen2_moe
+
+from upcycle.dense.tokenizer import get_tokenizer
+from upcycle.deploy.engine import Engine
+from upcycle.deploy.runner import ModelRunner, RunnerConfig
+from upcycle.deploy.sampling import SamplingParams, sample
+from upcycle.platform.hf_interop import import_hf
+
+CONTEXT = 256
+
+
+def _prompts(lengths, vocab=512, seed=3) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def model(request, tmp_path_factory):
+    """(transformers model, our checkpoint of the same weights)."""
+    root = tmp_path_factory.mktemp(request.param)
+    hf = (tiny_qwen2 if request.param == "dense" else tiny_qwen2_moe)(root / "hf")
+    import_hf(root / "hf", root / "ckpt")
+    return hf, root / "ckpt"
+
+
+def _engine(ckpt, *, slots=8, step_tokens=64) -> Engine:
+    rc = RunnerConfig(max_num_seqs=slots, max_model_len=CONTEXT, max_step_tokens=step_tokens)
+    return Engine(
+        ModelRunner(ckpt, rc).forward,
+        max_num_seqs=slots,
+        max_model_len=CONTEXT,
+        max_step_tokens=step_tokens,
+        eos_ids=(),
+        vocab_limit=512,
+        decode=get_tokenizer().decode,
+    )
+
+
+def _run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]], arrivals=None):
+    """Drive `engine` until done; request r is added before step `arrivals[r]` (default 0).
+    Returns ({request: tokens}, {request: text}, {request: finish reason}, steps)."""
+    arrivals = arrivals or {}
+    tokens = {r: [] for r in requests}
+    text = {r: "" for r in requests}
+    finish = {}
+    step = 0
+    pending = dict(requests)
+    while pending or engine.has_work:
+        for r in [r for r in pending if arrivals.get(r, 0) <= step]:
+            engine.add(*pending.pop(r), request_id=r)
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+            text[out.request_id] += out.text
+            if out.finish_reason:
+                finish[out.request_id] = out.finish_reason
+        step += 1
+    return tokens, text, finish, step
+
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
+
+
+def test_greedy_equals_transformers_generate(model):
+    """Four prompts decoded together, one longer than a step's token budget (chunked prefill),
+    each equal to transformers' greedy `generate` of that prompt alone."""
+    hf, ckpt = model
+    prompts = _prompts([5, 17, 90, 3])
+    expected = []
+    for p in prompts:
+        out = hf.generate(
+            torch.tensor([p]),
+            attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            max_new_tokens=GREEDY.max_tokens,
+            min_new_tokens=GREEDY.max_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        expected.append(out[0, len(p) :].tolist())
+    got, _, finish, _ = _run(_engine(ckpt), {str(i): (p, GREEDY) for i, p in enumerate(prompts)})
+    assert [got[str(i)] for i in range(4)] == expected
+    assert set(finish.values()) == {"length"}
+
+
+def test_continuous_batching_equals_sequential(model):
+    """8 requests arriving at different steps, sharing the batch with fewer slots than requests,
+    give exactly what each gives alone."""
+    _, ckpt = model
+    prompts = _prompts([3, 40, 7, 12, 70, 2, 25, 9], seed=11)
+    params = [SamplingParams(max_tokens=6 + 3 * i, temperature=0.0) for i in range(8)]
+    alone = {}
+    for i, (p, s) in enumerate(zip(prompts, params, strict=True)):
+        alone[str(i)] = _run(_engine(ckpt, slots=1), {str(i): (p, s)})[0][str(i)]
+    requests = {str(i): (p, s) for i, (p, s) in enumerate(zip(prompts, params, strict=True))}
+    arrivals = {str(i): 2 * i for i in range(8)}
+    together, _, _, steps = _run(_engine(ckpt, slots=4, step_tokens=32), requests, arrivals)
+    assert together == alone
+    assert all(len(together[str(i)]) == params[i].max_tokens for i in range(8))
+    # batching did happen: far fewer forwards than tokens produced
+    assert steps < sum(s.max_tokens for s in params) / 2
+
+
+def test_stop_string_and_stop_token_cut_the_output(model):
+    _, ckpt = model
+    prompt = _prompts([6], seed=5)[0]
+    free_tokens, free_text, _, _ = _run(_engine(ckpt), {"a": (prompt, GREEDY)})
+    text = free_text["a"]
+    assert len(text) > 8
+    stop = text[4:7]
+    params = SamplingParams(max_tokens=24, temperature=0.0, stop=(stop,))
+    _, cut, finish, _ = _run(_engine(ckpt), {"a": (prompt, params)})
+    assert cut["a"] == text[: text.find(stop)] and finish["a"] == "stop"
+    token = free_tokens["a"][3]
+    params = SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=(token,))
+    toks, _, finish, _ = _run(_engine(ckpt), {"a": (prompt, params)})
+    first = free_tokens["a"].index(token)
+    assert toks["a"] == free_tokens["a"][: first + 1] and finish["a"] == "stop"
+
+
+def test_requests_beyond_the_context_are_refused(model):
+    _, ckpt = model
+    engine = _engine(ckpt)
+    with pytest.raises(ValueError, match="^prompt: 256 tokens"):
+        engine.add([1] * CONTEXT, GREEDY)
+    with pytest.raises(ValueError, match="^max_tokens: .* use max_tokens <= 56"):
+        engine.add([1] * 200, SamplingParams(max_tokens=57))
+    with pytest.raises(ValueError, match=r"^prompt: token ids \[600\]"):
+        engine.add([600], GREEDY)
+    with pytest.raises(ValueError, match="^top_p"):
+        engine.add([1], SamplingParams(top_p=0.0))
+    assert not engine.has_work
+
+
+LOGITS = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -9.0]])
+
+
+def _draws(params: SamplingParams, n=4000) -> torch.Tensor:
+    g = params.generator()
+    return torch.tensor([sample(LOGITS, [params], [g])[0] for _ in range(n)])
+
+
+def test_sampling_follows_temperature_top_k_and_top_p():
+    counts = torch.bincount(_draws(SamplingParams(temperature=0.7, seed=1)), minlength=8)
+    expected = torch.softmax(LOGITS[0] / 0.7, -1) * 4000
+    assert (counts - expected).abs().max() < 5 * expected.sqrt().max()  # ~5 sigma
+    assert set(_draws(SamplingParams(top_k=3, seed=2)).tolist()) == {0, 1, 2}
+    probs = torch.softmax(LOGITS[0], -1)  # 0.42, 0.25, 0.15, ...: 0.7 needs the first three
+    assert probs[:2].sum() < 0.7 < probs[:3].sum()
+    assert set(_draws(SamplingParams(top_p=0.7, seed=3)).tolist()) == {0, 1, 2}
+    assert set(_draws(SamplingParams(top_k=1, seed=4), n=50).tolist()) == {0}
+    assert set(_draws(SamplingParams(temperature=0.0), n=50).tolist()) == {0}
+
+
+def test_seeded_sampling_repeats_and_other_seeds_differ(model):
+    _, ckpt = model
+    prompt = _prompts([8], seed=9)[0]
+    runs = []
+    for seed in (7, 7, 8):
+        params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, seed=seed)
+        runs.append(_run(_engine(ckpt), {"a": (prompt, params)})[0]["a"])
+    assert runs[0] == runs[1] and runs[0] != runs[2]

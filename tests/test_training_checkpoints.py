@@ -17,6 +17,7 @@ import pytest
 from training_reference import TRAIN, assert_same_curve, run_locally
 
 from upcycle.config import Layout
+from upcycle.deploy.sources import register, resolve
 from upcycle.platform.ray_train import fit
 from upcycle.platform.tracking import spooled_metrics
 
@@ -71,6 +72,15 @@ def test_stop_and_resume_equals_uninterrupted_and_is_tracked(references, tmp_pat
     assert "expert_tokens/layer_1/expert_7" in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"job.json", "expert_load.png"} <= artifacts
+
+    # The run is servable: runs:/ID and a registered version resolve to its newest checkpoint.
+    uri = base.tracking_uri
+    newest = resolve(f"runs:/{run.info.run_id}", cache_dir=tmp_path, tracking_uri=uri)
+    assert newest == tmp_path / job.name / "step_0000005"
+    version, ckpt = register(run.info.run_id, "moe-resume", tracking_uri=uri)
+    assert ckpt == newest
+    assert resolve(f"models:/moe-resume/{version}", cache_dir=tmp_path, tracking_uri=uri) == newest
+    assert resolve("models:/moe-resume", cache_dir=tmp_path, tracking_uri=uri) == newest
 
 
 @pytest.mark.slow

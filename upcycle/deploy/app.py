@@ -32,6 +32,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from upcycle.config import ModelConfig
 from upcycle.deploy import api
 from upcycle.deploy.api import OpenAIError
 from upcycle.deploy.engine import check_request
@@ -231,22 +232,32 @@ class Ingress:
                 await asyncio.sleep(0.5 * (attempt + 1))
 
 
-def build_app(args: dict | ServeSpec):
-    """The Serve application for a serve spec (a Ray Serve application builder)."""
+def resolve_model(spec: ServeSpec) -> tuple[Path, ModelConfig]:
+    """The checkpoint `spec` serves and its model, checked against the engine layout (no Ray
+    needed: call it before starting anything)."""
     from upcycle.deploy.sources import resolve
     from upcycle.platform.checkpoint import read_model_config
 
-    spec = args if isinstance(args, ServeSpec) else ServeSpec.parse(dict(args))
     cache = Path(os.environ.get("UPCYCLE_CACHE", "~/.cache/upcycle")).expanduser()
     ckpt = resolve(spec.model, cache_dir=cache)
     cfg = read_model_config(ckpt)
+    spec.engine.runner().check(cfg)
+    return ckpt, cfg
+
+
+def build_app(args: dict | ServeSpec):
+    """The Serve application for a serve spec (a Ray Serve application builder)."""
+    spec = args if isinstance(args, ServeSpec) else ServeSpec.parse(dict(args))
+    ckpt, cfg = resolve_model(spec)
     rc = spec.engine.runner()
-    rc.check(cfg)
     scaling = spec.autoscaling.model_dump(exclude_none=True)
     engine = EngineReplica.options(
         autoscaling_config=scaling,
         max_ongoing_requests=spec.max_ongoing_requests,
-        ray_actor_options={"num_cpus": spec.engine.cpus_per_rank},
+        ray_actor_options={
+            "num_cpus": spec.engine.cpus_per_rank,
+            "num_gpus": spec.engine.gpus_per_rank,
+        },
         health_check_period_s=5,
     ).bind(str(ckpt), dataclasses.asdict(rc))
     return Ingress.options(max_ongoing_requests=1000).bind(
@@ -257,5 +268,7 @@ def build_app(args: dict | ServeSpec):
 def run(spec: ServeSpec, *, blocking: bool = False) -> str:
     """Deploy `spec` on the connected Ray cluster; returns the base URL."""
     serve.start(http_options={"host": spec.http.host, "port": spec.http.port})
-    serve.run(build_app(spec), name=spec.app_name, route_prefix=spec.route_prefix, blocking=blocking)
+    serve.run(
+        build_app(spec), name=spec.app_name, route_prefix=spec.route_prefix, blocking=blocking
+    )
     return f"http://{spec.http.host}:{spec.http.port}{spec.route_prefix.rstrip('/')}"

@@ -39,7 +39,8 @@ class RunnerConfig:
     max_model_len: int = 2048  # prompt + completion tokens per sequence
     max_step_tokens: int = 512  # prefill tokens per forward (longer prompts go in chunks)
     threads: int = 0  # torch threads per rank; 0 keeps torch's default
-    cpus_per_rank: float = 1.0  # Ray CPUs reserved for each follower rank
+    cpus_per_rank: float = 1.0  # Ray CPUs reserved for each rank
+    gpus_per_rank: float = 0.0  # Ray GPUs reserved for each rank (1 on GPU clusters)
 
     def check(self, cfg: ModelConfig) -> None:
         for name in ("tp", "ep", "max_num_seqs", "max_model_len", "max_step_tokens"):
@@ -161,7 +162,7 @@ def _node_ip() -> str:
 def _start_followers(ckpt: Path, rc: RunnerConfig, master: str) -> list:
     import ray
 
-    follower = ray.remote(num_cpus=rc.cpus_per_rank, num_gpus=int(runtime.has_cuda()))(FollowerRank)
+    follower = ray.remote(num_cpus=rc.cpus_per_rank, num_gpus=rc.gpus_per_rank)(FollowerRank)
     actors = [follower.remote() for _ in range(rc.tp * rc.ep - 1)]
     for rank, actor in enumerate(actors, start=1):
         actor.run.remote(str(ckpt), rc, rank, master)

@@ -3,7 +3,8 @@ listens. Validated with pydantic; an error names the YAML path of the field and 
 
     model: runs:/3f2a...          # or a checkpoint / transformers folder, or models:/NAME/1
     name: tiny-moe                # the model id clients send (default: the model's name)
-    engine: {tp: 1, ep: 1, max_num_seqs: 16, max_model_len: 2048, max_step_tokens: 512}
+    engine: {tp: 1, ep: 1, max_num_seqs: 16, max_model_len: 2048, max_step_tokens: 512,
+             cpus_per_rank: 1, gpus_per_rank: 0}
     autoscaling: {min_replicas: 1, max_replicas: 2, target_ongoing_requests: 8}
     http: {host: 127.0.0.1, port: 8000}
 """
@@ -31,6 +32,7 @@ class EngineSpec(_Strict):
     max_step_tokens: int = Field(default=512, ge=1)
     threads: int = Field(default=0, ge=0)
     cpus_per_rank: float = Field(default=1.0, gt=0)
+    gpus_per_rank: float = Field(default=0.0, ge=0)
 
     def runner(self) -> RunnerConfig:
         return RunnerConfig(
@@ -41,6 +43,7 @@ class EngineSpec(_Strict):
             max_step_tokens=self.max_step_tokens,
             threads=self.threads,
             cpus_per_rank=self.cpus_per_rank,
+            gpus_per_rank=self.gpus_per_rank,
         )
 
 

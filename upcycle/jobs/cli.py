@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from upcycle.config import ConfigError, ModelConfig, from_name
@@ -47,7 +48,7 @@ def _dtype(name: str):
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(2)
 
 
@@ -217,6 +218,73 @@ def convert(
     except (ConfigError, CheckpointError, FileExistsError) as e:
         _fail(str(e))
     console.print(f"upcycled {source} -> {moe.name} ({method}) at {out_dir}")
+
+
+@app.command()
+def serve(
+    spec: Path = typer.Argument(None, exists=True, dir_okay=False, help="serve spec (YAML)"),
+    model: str = typer.Option(
+        None, help="checkpoint, transformers folder, runs:/RUN_ID or models:/NAME[/VERSION]"
+    ),
+    host: str = typer.Option(None, help="HTTP host (default: the spec's, else 127.0.0.1)"),
+    port: int = typer.Option(None, help="HTTP port (default: the spec's, else 8000)"),
+    address: str = typer.Option(None, help="Ray cluster to deploy on (default: in-process)"),
+) -> None:
+    """Serve a model with an OpenAI-compatible API (Ray Serve, autoscaled engine replicas).
+
+    In-process (the default) it serves until Ctrl-C; with --address the application is deployed
+    on that cluster and keeps running there after this command returns."""
+    import time
+
+    from upcycle.deploy.app import resolve_model, run
+    from upcycle.deploy.spec import ServeSpec
+    from upcycle.platform.cluster import ensure_ray
+
+    try:
+        data = ServeSpec.load(spec).model_dump() if spec else {}
+        if model:
+            data["model"] = model
+        if "model" not in data:
+            _fail("give a serve spec or --model")
+        http = data.setdefault("http", {})
+        http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
+        parsed = ServeSpec.parse(data, str(spec or "command line"))
+        resolve_model(parsed)  # bad model or layout: fail before any cluster starts
+        if address:
+            os.environ["RAY_ADDRESS"] = address
+        ensure_ray()
+        url = run(parsed)
+    except ConfigError as e:
+        _fail(str(e))
+    console.print(f"serving {parsed.name or parsed.model} at {url}/v1 (OpenAI API)")
+    if address:
+        return
+    console.print("Ctrl-C stops it")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
+
+
+@runs_app.command("register")
+def runs_register(
+    run_id: str = typer.Argument(..., help="a training run's MLflow id"),
+    name: str = typer.Argument(..., help="registered model name"),
+    tracking_uri: str = typer.Option(
+        None, help="MLflow (default: MLFLOW_TRACKING_URI or ./mlflow.db)"
+    ),
+) -> None:
+    """Register a training run's newest checkpoint as a model version (serve it as models:/NAME)."""
+    from upcycle.deploy.sources import register
+
+    try:
+        version, ckpt = register(run_id, name, tracking_uri=tracking_uri)
+    except ConfigError as e:
+        _fail(str(e))
+    console.print(f"models:/{name}/{version} -> {ckpt}")
 
 
 @runs_app.command("import")

@@ -130,11 +130,12 @@ class Engine:
         plan, fed = self._plan()
         if not fed:
             return []
-        logits = self.forward(plan)
-        logits[:, self.vocab_limit :] = float("-inf")
+        # ids past the tokenizer's vocabulary (embedding padding) are never sampled
+        logits = self.forward(plan)[:, : self.vocab_limit]
         ready = [(i, s) for i, s in enumerate(fed) if s.cached == len(s.ids)]
-        rows = [i for i, _ in ready]
-        tokens = sample(logits[rows], [s.params for _, s in ready], [s.generator for _, s in ready])
+        if len(ready) < len(fed):  # sequences mid-prefill have nothing to sample yet
+            logits = logits[[i for i, _ in ready]]
+        tokens = sample(logits, [s.params for _, s in ready], [s.generator for _, s in ready])
         outputs = [self._advance(seq, tok) for (_, seq), tok in zip(ready, tokens, strict=True)]
         self._release()
         return outputs

@@ -27,6 +27,7 @@ from upcycle.config import ConfigError, Layout, ModelConfig
 from upcycle.deploy import kv_cache
 from upcycle.deploy.kv_cache import KVCache, StepIndex, StepPlan
 from upcycle.platform.checkpoint import load_checkpoint, read_model_config
+from upcycle.platform.cpu import device_rewrites_paused
 
 
 @dataclass(frozen=True)
@@ -69,20 +70,30 @@ def _free_port() -> int:
 
 
 class ModelRunner:
-    """Rank `rank` of a replica: builds the model and runs `forward(plan)`."""
+    """Rank `rank` of a replica: builds the model and runs `forward(plan)`.
 
-    def __init__(self, ckpt: Path, rc: RunnerConfig, *, rank: int = 0, master: str = ""):
+    `source` is our checkpoint folder, or a `ModelConfig` for freshly initialised weights (the
+    GPU decode benchmark: no multi-GB checkpoint to write first; one rank only).
+    """
+
+    def __init__(
+        self, source: Path | ModelConfig, rc: RunnerConfig, *, rank: int = 0, master: str = ""
+    ):
         from upcycle.dense.megatron_config import to_transformer_config
         from upcycle.moe.model import build_model
         from upcycle.platform.distributed import init_parallel_state
 
         if rc.threads:
             torch.set_num_threads(rc.threads)
-        self.cfg, self.rc, self.rank = read_model_config(ckpt), rc, rank
+        ckpt = None if isinstance(source, ModelConfig) else Path(source)
+        self.cfg = source if ckpt is None else read_model_config(ckpt)
+        self.rc, self.rank = rc, rank
         rc.check(self.cfg)
         self.world = rc.tp * rc.ep
         self._followers: list = []
         if rank == 0 and self.world > 1:
+            if ckpt is None:
+                raise ValueError("a multi-rank runner needs a checkpoint every rank can load")
             master = f"{_node_ip()}:{_free_port()}"
             self._followers = _start_followers(ckpt, rc, master)
         if not dist.is_initialized():
@@ -97,7 +108,8 @@ class ModelRunner:
         dtype = torch.bfloat16 if runtime.has_cuda() else torch.float32
         tconfig = to_transformer_config(self.cfg, layout, params_dtype=dtype)
         self.model = build_model(self.cfg, tconfig).to(runtime.device()).eval()
-        load_checkpoint(self.model, ckpt)
+        if ckpt is not None:
+            load_checkpoint(self.model, ckpt)
         attn = self.model.decoder.layers[0].self_attention
         self.cache = KVCache(
             self.cfg.num_layers,
@@ -110,6 +122,7 @@ class ModelRunner:
         self.cache.keys = [t.to(runtime.device()) for t in self.cache.keys]
         self.cache.values = [t.to(runtime.device()) for t in self.cache.values]
         self._state = kv_cache.install(self.model, self.cache)
+        _skip_idle_experts(self.model)
         self._rope = self.model.rotary_pos_emb(rc.max_model_len)  # [len, 1, 1, head_dim]
 
     def forward(self, plan: StepPlan) -> torch.Tensor:
@@ -130,6 +143,10 @@ class ModelRunner:
 
     @torch.no_grad()
     def _compute(self, plan: StepPlan) -> torch.Tensor:
+        with device_rewrites_paused():
+            return self._forward(plan)
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
         device = runtime.device()
         index = StepIndex(plan, device)
         self._state["index"] = index
@@ -151,6 +168,35 @@ class ModelRunner:
 
             ray.get([f.__ray_terminate__.remote() for f in self._followers], timeout=60)
             self._followers = []
+
+
+def _skip_idle_experts(model: torch.nn.Module) -> None:
+    """Run only the experts that received tokens in megatron's `SequentialMLP` (the CPU expert
+    path; the GPU path is TE's grouped GEMM, which has no per-expert loop).
+
+    `SequentialMLP.forward` calls every local expert, even with zero tokens: in a decode step of
+    one token and 64 experts that is 56 idle experts per layer, each several Python-level calls,
+    and it made decoding 3x slower than transformers (which loops over the hit experts only).
+    An idle expert adds an empty block to the concatenated output, so leaving it out changes
+    nothing."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    def forward(self, hidden, tokens_per_expert, probs):
+        if self.num_local_experts == 1 or self.config.moe_apply_probs_on_input:
+            return SequentialMLP.forward(self, hidden, tokens_per_expert, probs)
+        counts = tokens_per_expert.tolist()
+        outputs = [
+            expert(h, p)[0]
+            for expert, h, p, n in zip(
+                self.local_experts, hidden.split(counts), probs.split(counts), counts, strict=True
+            )
+            if n
+        ]
+        return (torch.cat(outputs) if outputs else hidden[:0].clone()), None
+
+    for module in model.modules():
+        if type(module) is SequentialMLP:
+            module.forward = forward.__get__(module)
 
 
 def _node_ip() -> str:

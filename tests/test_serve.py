@@ -281,15 +281,18 @@ def _running_replicas() -> int:
 
 
 def test_load_with_a_replica_killed_loses_no_request(server):
-    """32 concurrent streams for 20 s; 5 s in, the engine replica serving them is SIGKILLed.
-    Every request still ends with a finish reason and the right token count; Serve scales up
-    under the load and brings the lost replica back."""
+    """32 concurrent streams for at least 20 s; 5 s in, the engine replica serving them is
+    SIGKILLed. Every request still ends properly (a finish reason and the usage it implies);
+    Serve scales up under the load and brings the lost replica back. (The load runs on past
+    20 s, up to 90 s, until a second replica has been seen: replica start-up is slow on a
+    loaded 2-core machine.)"""
     client = _client(server)
-    errors, done, peak = [], [], [0]
-    stop_at = time.monotonic() + 20
+    errors, done = [], []
+    started = time.monotonic()
+    stop = threading.Event()
 
     def stream_loop(i: int) -> None:
-        while time.monotonic() < stop_at:
+        while not stop.is_set():
             try:
                 chunks = list(
                     client.completions.create(
@@ -301,8 +304,10 @@ def test_load_with_a_replica_killed_loses_no_request(server):
                         stream_options={"include_usage": True},
                     )
                 )
-                finish = [c.choices[0].finish_reason for c in chunks if c.choices]
-                assert finish[-1] == "length" and chunks[-1].usage.completion_tokens == 16
+                finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+                used = chunks[-1].usage.completion_tokens
+                # "stop": an end-of-text token was drawn (possible at temperature 0.8)
+                assert (finish, used) == ("length", 16) or (finish == "stop" and used <= 16)
                 done.append(i)
             except Exception as e:  # noqa: BLE001  collected and reported below
                 errors.append(repr(e))
@@ -310,15 +315,17 @@ def test_load_with_a_replica_killed_loses_no_request(server):
     threads = [threading.Thread(target=stream_loop, args=(i,)) for i in range(32)]
     for t in threads:
         t.start()
-    kill_at = time.monotonic() + 5
-    while time.monotonic() < kill_at:
-        peak[0] = max(peak[0], _running_replicas())
+    peak, victim = 0, None
+    while True:
+        elapsed = time.monotonic() - started
+        peak = max(peak, _running_replicas())
+        if victim is None and elapsed > 5:
+            victim = _stats()["pid"]
+            os.kill(victim, signal.SIGKILL)
+        if elapsed > 90 or (elapsed > 20 and peak == 2):
+            break
         time.sleep(0.5)
-    victim = _stats()["pid"]
-    os.kill(victim, signal.SIGKILL)
-    while time.monotonic() < stop_at:
-        peak[0] = max(peak[0], _running_replicas())
-        time.sleep(0.5)
+    stop.set()
     for t in threads:
         t.join(timeout=120)
     assert not errors, errors[:3]
@@ -327,4 +334,4 @@ def test_load_with_a_replica_killed_loses_no_request(server):
     while _running_replicas() < 1 and time.monotonic() < deadline:
         time.sleep(1)
     assert _running_replicas() >= 1 and _stats()["pid"] != victim
-    assert peak[0] == 2, "autoscaling did not add a replica under 32 concurrent streams"
+    assert peak == 2, "autoscaling did not add a replica under 32 concurrent streams"

@@ -1,1 +1,2 @@
-"""Ray Serve deployments of the same model code (generation engine, OpenAI-style ingress): to come."""
+"""Serving the training model code: KV cache inside megatron's attention, continuous batching,
+an OpenAI-compatible FastAPI ingress and autoscaled engine replicas on Ray Serve."""

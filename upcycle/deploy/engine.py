@@ -50,6 +50,10 @@ class _Sequence:
     cached: int = 0  # tokens whose keys/values are in the cache
     text: str = ""  # text sent so far
     finish_reason: str | None = None
+    # the first `settled` generated tokens decode to `settled_text`, which ends on a character
+    # boundary: later tokens' bytes cannot change it, so only the rest is decoded each step
+    settled: int = 0
+    settled_text: str = ""
 
     @property
     def ids(self) -> list[int]:
@@ -168,7 +172,9 @@ class Engine:
             body = seq.generated[:-1]
         else:
             body = seq.generated
-        text = self.decode(body)
+        text = seq.settled_text + self.decode(body[seq.settled :])
+        if not text.endswith("\ufffd"):
+            seq.settled, seq.settled_text = len(body), text
         cut = _first_stop(text, p.stop)
         if cut is not None:
             text, seq.finish_reason = text[:cut], "stop"

@@ -66,15 +66,12 @@ class StepIndex:
 class KVCache:
     """Keys and values per layer: [slots, kv_heads (this TP rank's), max_len, head_dim]."""
 
-    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype):
+    def __init__(
+        self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype, device
+    ):
         shape = (slots, kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
-        self.slots, self.max_len = slots, max_len
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
 
 
 class CachedAttention(torch.nn.Module):

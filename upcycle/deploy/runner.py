@@ -118,9 +118,8 @@ class ModelRunner:
             rc.max_model_len,
             self.cfg.head_dim,
             dtype,
+            runtime.device(),
         )
-        self.cache.keys = [t.to(runtime.device()) for t in self.cache.keys]
-        self.cache.values = [t.to(runtime.device()) for t in self.cache.values]
         self._state = kv_cache.install(self.model, self.cache)
         _skip_idle_experts(self.model)
         self._rope = self.model.rotary_pos_emb(rc.max_model_len)  # [len, 1, 1, head_dim]
@@ -160,25 +159,17 @@ class ModelRunner:
         logits, _ = m.output_layer(hidden, weight=weight, runtime_gather_output=True)
         return logits[:, 0].float().cpu()
 
-    def close(self) -> None:
-        """Stop the followers (rank 0) and leave the process group."""
-        if self.rank == 0 and self._followers:
-            dist.broadcast_object_list([None], src=0)
-            import ray
-
-            ray.get([f.__ray_terminate__.remote() for f in self._followers], timeout=60)
-            self._followers = []
-
 
 def _skip_idle_experts(model: torch.nn.Module) -> None:
-    """Run only the experts that received tokens in megatron's `SequentialMLP` (the CPU expert
-    path; the GPU path is TE's grouped GEMM, which has no per-expert loop).
+    """Run only the experts that received tokens in megatron's `SequentialMLP` (the expert
+    module wherever Transformer Engine's grouped GEMM is absent).
 
     `SequentialMLP.forward` calls every local expert, even with zero tokens: in a decode step of
-    one token and 64 experts that is 56 idle experts per layer, each several Python-level calls,
-    and it made decoding 3x slower than transformers (which loops over the hit experts only).
-    An idle expert adds an empty block to the concatenated output, so leaving it out changes
-    nothing."""
+    one token and 64 experts that is 56 idle experts per layer, each several Python-level calls;
+    it was half of a moe-bench decode step on CPU (transformers loops over the hit experts
+    only). An idle expert adds an empty block to the concatenated output, so leaving it out
+    changes nothing; expert-TP ranks see the same token counts, so their collectives still
+    pair up."""
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     def forward(self, hidden, tokens_per_expert, probs):

@@ -7,8 +7,7 @@ setup:
 demo: setup
 	.venv/bin/upcycle verify tiny-dense tiny-moe
 	.venv/bin/upcycle model info qwen2-57b-a14b
-	test -d data/stdlib || .venv/bin/upcycle data prepare data/stdlib
-	.venv/bin/upcycle train examples/train-tiny-moe.yaml --workers 2
+	.venv/bin/upcycle pipeline
 
 test:
 	.venv/bin/python -m pytest -q -p no:warnings

@@ -112,6 +112,13 @@ def _listed_files(root: Path) -> dict:
     return files
 
 
+def manifest_sha256(root: Path) -> str:
+    """SHA-256 identifying the content of `root`: of the file list (names, sizes, hashes) its
+    manifest or its complete set of manifest parts holds, so both forms of one content agree."""
+    listed = json.dumps(_listed_files(Path(root)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(listed.encode()).hexdigest()
+
+
 def verify_manifest(root: Path) -> dict:
     """Check every file against the manifest; raise `IntegrityError` naming the first problem."""
     root = Path(root)

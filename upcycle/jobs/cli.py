@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -50,6 +50,17 @@ def _dtype(name: str):
 def _fail(message: str) -> None:
     console.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(2)
+
+
+ADDRESS_HELP = "Ray dashboard URL (http://HOST:8265): run this command there as a Ray job"
+
+
+def _submit_if_remote(address: str | None, extra: tuple[str, ...] = ()) -> None:
+    """With --address: run this command line as a Ray job there; exit with the job's status."""
+    if address:
+        from upcycle.jobs.submit import submit
+
+        raise typer.Exit(submit(address, [*sys.argv[1:], *extra], echo=console.print))
 
 
 @model_app.command("info")
@@ -124,11 +135,13 @@ def data_prepare(
     ),
     text_field: str = typer.Option("text", help="JSONL key or Parquet column holding the text"),
     shard_tokens: int = typer.Option(1 << 22, help="tokens per shard"),
+    address: str = typer.Option(None, help=ADDRESS_HELP),
 ) -> None:
     """Tokenize a corpus with Ray Data into Arrow token shards with a manifest."""
     from upcycle.jobs.prepare import demo_corpus, prepare
     from upcycle.platform.cluster import ensure_ray
 
+    _submit_if_remote(address)
     ensure_ray()
     try:
         meta = prepare(
@@ -148,6 +161,7 @@ def train(
     workers: int = typer.Option(1, min=1, help="Ray Train workers (ranks)"),
     storage: Path = typer.Option(Path("runs"), help="where checkpoints and run state go"),
     max_failures: int = typer.Option(1, min=0, help="restarts from the last checkpoint"),
+    address: str = typer.Option(None, help=ADDRESS_HELP),
 ) -> None:
     """Train (or resume) the job in SPEC on a Ray Train worker group; tracked in MLflow."""
     import yaml
@@ -162,6 +176,7 @@ def train(
         job.validate(workers)
     except (ConfigError, yaml.YAMLError, TypeError) as e:
         _fail(f"{spec}: {e}")
+    _submit_if_remote(address)
     ensure_ray()
     result = fit(job, num_workers=workers, storage_path=storage, max_failures=max_failures)
     if result.error is not None:
@@ -189,7 +204,7 @@ def convert(
     dry_run: bool = typer.Option(False, "--dry-run", help="check shapes on the meta device only"),
     hf: bool = typer.Option(False, "--hf", help="write a transformers Qwen2-MoE folder"),
     dtype: str = typer.Option("bfloat16", help="--hf weights: bfloat16 | float16 | float32"),
-    address: str = typer.Option(None, help="Ray cluster to run on (default: in-process)"),
+    address: str = typer.Option(None, help=ADDRESS_HELP),
 ) -> None:
     """Upcycle a dense Qwen2 model into a Qwen2-MoE (qwen2, granular or sparse initialisation)
     as a Ray task; --dry-run checks every shape on the meta device instead."""
@@ -210,8 +225,7 @@ def convert(
         if out_dir is None:
             _fail("OUT_DIR is required unless --dry-run")
         job.validate(source, target, out_dir, settings)  # before any cluster time
-        if address:
-            os.environ["RAY_ADDRESS"] = address
+        _submit_if_remote(address)
         ensure_ray()
         hf_dtype = _dtype(dtype) if hf else None
         moe = job.run_as_ray_task(source, target, out_dir, settings, hf_dtype=hf_dtype)
@@ -228,13 +242,13 @@ def serve(
     ),
     host: str = typer.Option(None, help="HTTP host (default: the spec's, else 127.0.0.1)"),
     port: int = typer.Option(None, help="HTTP port (default: the spec's, else 8000)"),
-    address: str = typer.Option(None, help="Ray cluster to deploy on (default: in-process)"),
+    detach: bool = typer.Option(False, help="deploy and return; the app keeps running"),
+    address: str = typer.Option(None, help=ADDRESS_HELP + " (implies --detach)"),
 ) -> None:
     """Serve a model with an OpenAI-compatible API (Ray Serve, autoscaled engine replicas).
 
-    In-process (the default) it serves until Ctrl-C; with --address the application is deployed
-    on that cluster and keeps running there after this command returns."""
-    import time
+    In-process (the default) it serves until Ctrl-C; with --address a Ray job deploys the
+    application on that cluster, where it keeps running after the job ends."""
 
     from upcycle.deploy.app import resolve_model, run
     from upcycle.deploy.spec import ServeSpec
@@ -250,14 +264,13 @@ def serve(
         http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
         parsed = ServeSpec.parse(data, str(spec or "command line"))
         resolve_model(parsed)  # bad model or layout: fail before any cluster starts
-        if address:
-            os.environ["RAY_ADDRESS"] = address
+        _submit_if_remote(address, ("--detach",))
         ensure_ray()
         url = run(parsed)
     except ConfigError as e:
         _fail(str(e))
     console.print(f"serving {parsed.name or parsed.model} at {url}/v1 (OpenAI API)")
-    if address:
+    if detach:
         return
     console.print("Ctrl-C stops it")
     try:
@@ -285,6 +298,106 @@ def runs_register(
     except ConfigError as e:
         _fail(str(e))
     console.print(f"models:/{name}/{version} -> {ckpt}")
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="our checkpoint"),
+    data: Path = typer.Option(..., exists=True, file_okay=False, help="held-out token shards"),
+    seq_length: int = typer.Option(128, min=1, help="tokens per window"),
+    max_windows: int = typer.Option(64, min=1, help="windows evaluated (from the start)"),
+    run_name: str = typer.Option(None, help="MLflow run name (default: eval-MODEL)"),
+    address: str = typer.Option(None, help=ADDRESS_HELP),
+) -> None:
+    """Held-out perplexity of a checkpoint (a Ray task), recorded as an MLflow run."""
+    import tempfile
+
+    from upcycle.jobs.evaluate import run
+    from upcycle.platform.checkpoint import CheckpointError
+    from upcycle.platform.cluster import ensure_ray
+    from upcycle.platform.data import DataError
+
+    _submit_if_remote(address)
+    ensure_ray()
+    spool = Path(tempfile.mkdtemp(prefix="upcycle-eval-"))
+    try:
+        r = run(
+            checkpoint, data, spool_dir=spool, seq_length=seq_length, max_windows=max_windows,
+            run_name=run_name,
+        )  # fmt: skip
+    except (ConfigError, CheckpointError, DataError) as e:
+        _fail(str(e))
+    console.print(
+        f"{r.model}: held-out loss {r.loss:.4f}, perplexity {r.perplexity:,.2f} over "
+        f"{r.tokens:,} tokens ({r.data})"
+    )
+
+
+@app.command()
+def pipeline(
+    out: Path = typer.Option(Path("runs/pipeline"), help="where data, checkpoints, evals go"),
+    workers: int = typer.Option(2, min=2, help="Ray Train workers (the MoE uses ep=2)"),
+    dense_steps: int = typer.Option(100, min=1, help="pretraining steps of tiny-dense"),
+    moe_steps: int = typer.Option(40, min=1, help="training steps after upcycling"),
+    address: str = typer.Option(None, help=ADDRESS_HELP),
+) -> None:
+    """The main job: corpus -> pretrain tiny-dense -> upcycle to tiny-moe -> continue training
+    -> held-out perplexity of both -> serve the MoE and chat once -> the MLflow runs."""
+    from upcycle.jobs.pipeline import PipelineConfig, StageError, run
+
+    _submit_if_remote(address)
+    config = PipelineConfig(out=out, workers=workers, dense_steps=dense_steps, moe_steps=moe_steps)
+    started = time.perf_counter()
+    try:
+        result = run(config, console)
+    except StageError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(1) from None
+    console.print(
+        f"pipeline done in {time.perf_counter() - started:.0f} s; held-out perplexity "
+        f"dense {result.perplexity['dense']:,.1f} -> upcycled MoE {result.perplexity['moe']:,.1f}"
+    )
+
+
+@app.command()
+def plan(
+    model: str = typer.Option(..., help="preset name, e.g. qwen2-57b-a14b"),
+    gpus: int = typer.Option(..., min=1, help="GPUs to train on"),
+    gpu_memory: float = typer.Option(..., help="memory per GPU, GiB"),
+    seq_len: int = typer.Option(4096, min=1),
+    micro_batch: int = typer.Option(1, min=1),
+    global_batch: int = typer.Option(512, min=1, help="sequences per step"),
+    top: int = typer.Option(15, min=1, help="rows to print"),
+) -> None:
+    """Rank the TP/PP/EP/ETP/DP layouts that fit, by a cost model (see upcycle/platform/plan.py
+    for the memory formulas and the assumptions)."""
+    from upcycle.platform.plan import Workload, gib, plans
+
+    work = Workload(seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch)
+    try:
+        found = plans(_preset(model), gpus=gpus, gpu_memory_gib=gpu_memory, work=work)
+    except ConfigError as e:
+        _fail(str(e))
+    if not found:
+        _fail(f"no layout of {model} fits {gpus} x {gpu_memory:g} GiB at seq {seq_len}, "
+              f"micro-batch {micro_batch}; add GPUs or shorten the sequence")  # fmt: skip
+    table = Table(title=f"{model} on {gpus} x {gpu_memory:g} GiB, seq {seq_len}, micro-batch "
+                        f"{micro_batch}, global batch {global_batch} (GiB per GPU)")  # fmt: skip
+    for col in ("rank", "tp", "pp", "ep", "etp", "dp", "dist opt", "recompute", "weights",
+                "grads", "optim", "activ", "total", "step s", "tok/s/GPU"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for i, p in enumerate(found[:top], start=1):
+        m, lay = p.memory, p.layout
+        opt = m.optimizer_distributed if p.distributed_optimizer else m.optimizer
+        act = m.activations_recompute if p.recompute else m.activations
+        table.add_row(
+            str(i), str(lay.tp), str(lay.pp), str(lay.ep), str(lay.expert_tp), str(lay.dp),
+            "yes" if p.distributed_optimizer else "no", "yes" if p.recompute else "no",
+            gib(m.weights), gib(m.grads), gib(opt), gib(act + m.logits), gib(p.bytes),
+            f"{p.step_seconds:.2f}", f"{p.tokens_per_gpu_s:,.0f}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"{len(found)} layouts fit; cost model and assumptions: upcycle/platform/plan.py")
 
 
 @runs_app.command("import")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from upcycle.atomic import MANIFEST
+from upcycle.atomic import manifest_sha256
 from upcycle.config import ConfigError, ModelConfig, from_name
 from upcycle.dense import hf_io
 from upcycle.dense.hf_weights import CheckpointError, hf_shapes, to_hf, to_megatron
@@ -98,7 +98,7 @@ def _dense_source(dense: ModelConfig, path: Path) -> tuple[Getter, str]:
         model = build_model(dense)
         load_checkpoint(model, path)
         state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-        return to_hf(dense, state).__getitem__, _sha256(path / MANIFEST)
+        return to_hf(dense, state).__getitem__, manifest_sha256(path)
     return _hf_getter(path, dense), _sha256(path / "config.json")
 
 

@@ -1,8 +1,10 @@
 """Connect to Ray: the cluster a job was submitted to, or an in-process one on this machine.
 
 The local defaults are the ones measured on small machines (shared/ENVIRONMENT.md): loopback only,
-no auth tokens, no usage reporting, no dashboard, a short temp dir (socket paths must stay under
-107 characters) and a long worker-group start timeout for loaded 2-core boxes.
+no auth tokens, no usage reporting, the dashboard on 127.0.0.1 (Ray Train's placement-group
+cleaner asks the state API about its controller every few seconds and logs a warning each time
+it cannot), a short temp dir (socket paths must stay under 107 characters) and a long
+worker-group start timeout for loaded 2-core boxes.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     ray.init(
         num_cpus=num_cpus or max(4, os.cpu_count() or 1),
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         object_store_memory=300 * 1024**2,
         _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
     )

@@ -84,8 +84,11 @@ class TrainJob:
         train = TrainConfig.from_dict(d.pop("train", None) or {})
         return cls(model=model, layout=layout, train=train, **d)
 
-    def validate(self, world_size: int) -> Layout:
-        """Check the job against a world size before any worker starts; the resolved layout."""
+    def validate(self, world_size: int, *, on_this_machine: bool = True) -> Layout:
+        """Check the job against a world size before any worker starts; the resolved layout.
+
+        `on_this_machine=False` checks only what does not depend on this machine (a spec meant
+        for a GPU cluster: no data folder here, no CUDA)."""
         layout = self.layout.resolve(world_size)
         layout.check_model(self.model)
         if self.train.seq_length > self.model.max_position_embeddings:
@@ -94,6 +97,13 @@ class TrainJob:
                 f"{self.train.seq_length} exceeds the model's max_position_embeddings "
                 f"({self.model.max_position_embeddings})",
             )
+        if self.train.warmup_steps >= self.train.steps:
+            raise ConfigError(
+                "train.warmup_steps",
+                f"{self.train.warmup_steps} must be below train.steps ({self.train.steps})",
+            )
+        if not on_this_machine:
+            return layout
         if self.train.fp8:
             runtime.require_te(f"train.fp8={self.train.fp8!r}")
         if self.train.dtype == "bf16" and not runtime.has_cuda():

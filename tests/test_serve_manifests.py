@@ -34,7 +34,7 @@ def test_shipped_serve_configs_are_valid(name):
     module, attr = app.import_path.split(":")
     assert callable(getattr(importlib.import_module(module), attr))
     spec = ServeSpec.parse(app.args, name)
-    spec.engine.runner().check(from_name(spec.name))  # the layout fits the served preset
+    spec.engine.check(from_name(spec.name))  # the layout fits the served preset
 
 
 def test_rayservice_asks_for_the_gpus_its_ranks_need():
@@ -64,7 +64,7 @@ def test_bad_serve_specs_name_the_field(args, field):
 def test_engine_layout_is_checked_against_the_model():
     spec = ServeSpec.parse({"model": "m", "engine": {"tp": 3}})
     with pytest.raises(ConfigError, match="^engine.tp: num_attention_heads"):
-        spec.engine.runner().check(from_name("qwen2-7b"))
+        spec.engine.check(from_name("qwen2-7b"))
     spec = ServeSpec.parse({"model": "m", "engine": {"max_model_len": 4096}})
     with pytest.raises(ConfigError, match="^engine.max_model_len"):
-        spec.engine.runner().check(from_name("tiny-moe"))
+        spec.engine.check(from_name("tiny-moe"))

@@ -241,7 +241,7 @@ def resolve_model(spec: ServeSpec) -> tuple[Path, ModelConfig]:
     cache = Path(os.environ.get("UPCYCLE_CACHE", "~/.cache/upcycle")).expanduser()
     ckpt = resolve(spec.model, cache_dir=cache)
     cfg = read_model_config(ckpt)
-    spec.engine.runner().check(cfg)
+    spec.engine.check(cfg)
     return ckpt, cfg
 
 
@@ -249,7 +249,7 @@ def build_app(args: dict | ServeSpec):
     """The Serve application for a serve spec (a Ray Serve application builder)."""
     spec = args if isinstance(args, ServeSpec) else ServeSpec.parse(dict(args))
     ckpt, cfg = resolve_model(spec)
-    rc = spec.engine.runner()
+    rc = spec.engine
     scaling = spec.autoscaling.model_dump(exclude_none=True)
     engine = EngineReplica.options(
         autoscaling_config=scaling,
@@ -259,9 +259,9 @@ def build_app(args: dict | ServeSpec):
             "num_gpus": spec.engine.gpus_per_rank,
         },
         health_check_period_s=5,
-    ).bind(str(ckpt), dataclasses.asdict(rc))
+    ).bind(str(ckpt), rc.model_dump())
     return Ingress.options(max_ongoing_requests=1000).bind(
-        engine, spec.name or cfg.name, str(ckpt), dataclasses.asdict(rc), spec.retries
+        engine, spec.name or cfg.name, str(ckpt), rc.model_dump(), spec.retries
     )
 
 

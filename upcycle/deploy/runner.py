@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import datetime
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
 
 from upcycle import runtime
 from upcycle.config import ConfigError, Layout, ModelConfig
@@ -30,23 +30,23 @@ from upcycle.platform.checkpoint import load_checkpoint, read_model_config
 from upcycle.platform.cpu import device_rewrites_paused
 
 
-@dataclass(frozen=True)
-class RunnerConfig:
-    """How one replica holds its model (the `engine` section of a serve spec)."""
+class RunnerConfig(BaseModel):
+    """How one replica holds its model: the `engine` section of a serve spec (pydantic, so the
+    spec's errors name `engine.<field>`)."""
 
-    tp: int = 1
-    ep: int = 1
-    max_num_seqs: int = 16  # KV cache slots: sequences decoded together
-    max_model_len: int = 2048  # prompt + completion tokens per sequence
-    max_step_tokens: int = 512  # prefill tokens per forward (longer prompts go in chunks)
-    threads: int = 0  # torch threads per rank; 0 keeps torch's default
-    cpus_per_rank: float = 1.0  # Ray CPUs reserved for each rank
-    gpus_per_rank: float = 0.0  # Ray GPUs reserved for each rank (1 on GPU clusters)
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tp: int = Field(default=1, ge=1)
+    ep: int = Field(default=1, ge=1)
+    max_num_seqs: int = Field(default=16, ge=1)  # KV cache slots: sequences decoded together
+    max_model_len: int = Field(default=2048, ge=2)  # prompt + completion tokens per sequence
+    max_step_tokens: int = Field(default=512, ge=1)  # prefill tokens per forward (chunks beyond)
+    threads: int = Field(default=0, ge=0)  # torch threads per rank; 0 keeps torch's default
+    cpus_per_rank: float = Field(default=1.0, gt=0)  # Ray CPUs reserved for each rank
+    gpus_per_rank: float = Field(default=0.0, ge=0)  # Ray GPUs per rank (1 on GPU clusters)
 
     def check(self, cfg: ModelConfig) -> None:
-        for name in ("tp", "ep", "max_num_seqs", "max_model_len", "max_step_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"engine.{name}", "must be >= 1")
+        """Raise ConfigError("engine.<field>", ...) if this does not fit model `cfg`."""
         if self.max_model_len > cfg.max_position_embeddings:
             raise ConfigError(
                 "engine.max_model_len",

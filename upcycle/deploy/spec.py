@@ -24,29 +24,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class EngineSpec(_Strict):
-    tp: int = Field(default=1, ge=1)
-    ep: int = Field(default=1, ge=1)
-    max_num_seqs: int = Field(default=16, ge=1)
-    max_model_len: int = Field(default=2048, ge=2)
-    max_step_tokens: int = Field(default=512, ge=1)
-    threads: int = Field(default=0, ge=0)
-    cpus_per_rank: float = Field(default=1.0, gt=0)
-    gpus_per_rank: float = Field(default=0.0, ge=0)
-
-    def runner(self) -> RunnerConfig:
-        return RunnerConfig(
-            tp=self.tp,
-            ep=self.ep,
-            max_num_seqs=self.max_num_seqs,
-            max_model_len=self.max_model_len,
-            max_step_tokens=self.max_step_tokens,
-            threads=self.threads,
-            cpus_per_rank=self.cpus_per_rank,
-            gpus_per_rank=self.gpus_per_rank,
-        )
-
-
 class AutoscalingSpec(_Strict):
     """Ray Serve's autoscaling_config for the engine deployment."""
 
@@ -74,7 +51,7 @@ class HttpSpec(_Strict):
 class ServeSpec(_Strict):
     model: str
     name: str | None = None
-    engine: EngineSpec = EngineSpec()
+    engine: RunnerConfig = RunnerConfig()
     autoscaling: AutoscalingSpec = AutoscalingSpec()
     max_ongoing_requests: int = Field(default=64, ge=1)  # per engine replica
     retries: int = Field(default=3, ge=0)  # re-sends of a request whose replica died

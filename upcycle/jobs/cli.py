@@ -242,7 +242,9 @@ def serve(
     ),
     host: str = typer.Option(None, help="HTTP host (default: the spec's, else 127.0.0.1)"),
     port: int = typer.Option(None, help="HTTP port (default: the spec's, else 8000)"),
-    detach: bool = typer.Option(False, help="deploy and return; the app keeps running"),
+    detach: bool = typer.Option(
+        False, help="deploy and return (on a cluster, RAY_ADDRESS: the app keeps running there)"
+    ),
     address: str = typer.Option(None, help=ADDRESS_HELP + " (implies --detach)"),
 ) -> None:
     """Serve a model with an OpenAI-compatible API (Ray Serve, autoscaled engine replicas).

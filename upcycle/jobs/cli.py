@@ -238,7 +238,7 @@ def convert(
 def serve(
     spec: Path = typer.Argument(None, exists=True, dir_okay=False, help="serve spec (YAML)"),
     model: str = typer.Option(
-        None, help="checkpoint, transformers folder, runs:/RUN_ID or models:/NAME[/VERSION]"
+        None, help="checkpoint, transformers folder, runs:/RUN_ID or models:/NAME/VERSION"
     ),
     host: str = typer.Option(None, help="HTTP host (default: the spec's, else 127.0.0.1)"),
     port: int = typer.Option(None, help="HTTP port (default: the spec's, else 8000)"),

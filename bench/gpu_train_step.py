@@ -31,7 +31,8 @@ from upcycle.moe.params import count_parameters  # noqa: E402
 from upcycle.platform.data import Batch  # noqa: E402
 from upcycle.platform.distributed import single_process  # noqa: E402
 from upcycle.platform.metrics import peak_flops, train_flops_per_token  # noqa: E402
-from upcycle.platform.step import build_chunks, build_optimizer, forward_step, param_dtype  # noqa: E402
+from upcycle.platform.objectives import lm_step  # noqa: E402
+from upcycle.platform.step import build_chunks, build_optimizer, param_dtype  # noqa: E402
 
 # Qwen2-MoE shaped, ~1.1B active / 2.6B total parameters: fits one 80 GB GPU with Adam.
 MOE_A1B = ModelConfig(
@@ -68,7 +69,7 @@ def main() -> None:
             chunks[0].zero_grad_buffer()
             optimizer.zero_grad()
             losses = schedule(
-                forward_step_func=forward_step, data_iterator=iter([batch]), model=chunks,
+                forward_step_func=lm_step, data_iterator=iter([batch]), model=chunks,
                 num_microbatches=1, seq_length=args.seq, micro_batch_size=args.batch,
             )  # fmt: skip
             optimizer.step()

@@ -35,7 +35,8 @@ from upcycle.platform.data import Batch  # noqa: E402
 from upcycle.platform.distributed import single_process  # noqa: E402
 from upcycle.platform.hf_interop import transformers_twin  # noqa: E402
 from upcycle.platform.metrics import train_flops_per_token  # noqa: E402
-from upcycle.platform.step import build_chunks, build_optimizer, forward_step  # noqa: E402
+from upcycle.platform.objectives import lm_step  # noqa: E402
+from upcycle.platform.step import build_chunks, build_optimizer  # noqa: E402
 
 
 def our_step(cfg, layout, batch: Batch):
@@ -50,7 +51,7 @@ def our_step(cfg, layout, batch: Batch):
         chunks[0].zero_grad_buffer()
         optimizer.zero_grad()
         schedule(
-            forward_step_func=forward_step,
+            forward_step_func=lm_step,
             data_iterator=iter([batch]),
             model=chunks,
             num_microbatches=1,

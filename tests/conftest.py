@@ -81,13 +81,14 @@ def randomise(model: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn.M
     return model.eval()
 
 
-def tiny_qwen2(tmp_path, *, tie: bool = False, kv_heads: int = 2, seed: int = 0):
+def tiny_qwen2(tmp_path, *, tie: bool = False, kv_heads: int = 2, seed: int = 0, rope_scaling=None):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(
         vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
         rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=256,
+        rope_scaling=rope_scaling,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = randomise(Qwen2ForCausalLM(cfg), seed)

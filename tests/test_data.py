@@ -13,7 +13,7 @@ from upcycle.atomic import IntegrityError
 from upcycle.config import ConfigError
 from upcycle.dense.tokenizer import get_tokenizer
 from upcycle.jobs.prepare import demo_corpus, prepare
-from upcycle.platform.data import DataError, StepBatches, TokenDataset
+from upcycle.platform.data import DataError, StepBatches, TokenDataset, TokenWindows
 
 DOCS = ["def add(a, b):\n    return a + b\n", "Hello world", "数据并行 and pipelines"]
 
@@ -68,8 +68,8 @@ def test_prepare_is_deterministic_and_refuses_bad_input(ray_cluster, tmp_path):
 
 
 def test_data_parallel_ranks_split_the_same_global_batch_and_resume_exactly(corpus):
-    ds = TokenDataset(corpus)
-    kw = dict(seq_length=32, micro_batch_size=2, global_batch_size=8, seed=3)
+    ds = TokenWindows(TokenDataset(corpus), seq_length=32)
+    kw = dict(micro_batch_size=2, global_batch_size=8, seed=3)
     one = StepBatches(ds, dp_rank=0, dp_size=1, **kw)
     two = [StepBatches(ds, dp_rank=r, dp_size=2, **kw) for r in range(2)]
     for step in (0, 5, 1000):  # 1000 is past the first epoch: a new shuffle
@@ -88,8 +88,7 @@ def test_data_parallel_ranks_split_the_same_global_batch_and_resume_exactly(corp
 def test_damaged_or_too_small_data_is_refused(corpus, tmp_path):
     with pytest.raises(DataError, match="fewer than one global batch"):
         StepBatches(
-            TokenDataset(corpus),
-            seq_length=4096,
+            TokenWindows(TokenDataset(corpus), seq_length=4096),
             micro_batch_size=8,
             global_batch_size=64,
             dp_rank=0,

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
 from upcycle.moe import aux_loss
+from upcycle.moe.model import build_model
 from upcycle.platform.hf_interop import export_hf, import_hf, model_from_hf
 
 TOL = 1e-4
@@ -34,6 +35,28 @@ def test_dense_logits_match_transformers(tmp_path, tie, kv_heads):
     assert cfg.tie_embeddings is tie and cfg.num_kv_heads == kv_heads and cfg.qkv_bias
     diff = (logits_of(ours.eval(), TOKENS) - _hf_logits(hf)).abs().max().item()
     assert diff <= TOL, diff
+
+
+def test_yarn_logits_match_transformers(tmp_path):
+    """YaRN (factor 4 over a 64-token original context; theta 1e4 so that the ramp between
+    interpolated and extrapolated frequencies falls inside the tiny head dim) on 160 tokens:
+    transformers' Qwen2 with rope_scaling {"type": "yarn"} and ours on the same weights."""
+    from transformers import Qwen2Config
+
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    hf = tiny_qwen2(tmp_path, rope_scaling=yarn | {"rope_theta": 1e4})
+    assert Qwen2Config.from_pretrained(tmp_path).rope_parameters["rope_type"] == "yarn"
+    cfg, ours = model_from_hf(tmp_path)
+    assert (cfg.yarn_factor, cfg.yarn_original_max_position_embeddings) == (4.0, 64)
+    tokens = torch.randint(0, 512, (1, 160), generator=torch.Generator().manual_seed(3))
+    diff = (logits_of(ours.eval(), tokens) - _hf_logits(hf, tokens)).abs().max().item()
+    assert diff <= TOL, diff
+    # and YaRN matters: plain RoPE on the same weights is another function
+    plain = build_model(cfg.replace(yarn_factor=1.0))
+    plain.load_state_dict(ours.state_dict())
+    plain_diff = (logits_of(plain.eval(), tokens) - _hf_logits(hf, tokens)).abs().max().item()
+    print(f"yarn {diff:.2e}, plain RoPE {plain_diff:.2e}")
+    assert plain_diff > 100 * diff, (plain_diff, diff)
 
 
 def test_qkv_bias_is_used(tmp_path):

@@ -48,6 +48,10 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
     init_std: float = 0.02
+    # YaRN RoPE scaling (transformers' rope_type "yarn"): 1.0 is plain RoPE. With a factor s > 1
+    # the model was trained at `yarn_original_max_position_embeddings` and runs at s times that.
+    yarn_factor: float = 1.0
+    yarn_original_max_position_embeddings: int = 0
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -139,6 +143,13 @@ def _validate(c: ModelConfig) -> None:
         raise ConfigError("hidden_size", f"head dim {c.head_dim} must be even for RoPE")
     if c.rope_theta <= 0 or c.rms_norm_eps <= 0 or c.init_std <= 0:
         raise ConfigError("rope_theta", "rope_theta, rms_norm_eps and init_std must be positive")
+    if c.yarn_factor < 1:
+        raise ConfigError("yarn_factor", f"must be >= 1 (1: no YaRN scaling), got {c.yarn_factor}")
+    if c.yarn_factor > 1 and c.yarn_original_max_position_embeddings <= 0:
+        raise ConfigError(
+            "yarn_original_max_position_embeddings",
+            "must be the pretraining context length (e.g. 32768) when yarn_factor > 1",
+        )
 
 
 def _divisors(n: int) -> list[int]:
@@ -355,6 +366,55 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class LongContext:
+    """Long-context continued pretraining: the model trains (and is then served) with a larger
+    RoPE base and position limit; `train.seq_length` sets the longer sequences. Qwen2 went from
+    4,096 to 32,768 tokens with the base raised from 10,000 to 1,000,000."""
+
+    rope_theta: float
+    max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        if self.rope_theta <= 0:
+            raise ConfigError("long_context.rope_theta", f"must be > 0, got {self.rope_theta}")
+        if self.max_position_embeddings < 1:
+            raise ConfigError(
+                "long_context.max_position_embeddings",
+                f"must be >= 1, got {self.max_position_embeddings}",
+            )
+
+    def apply(self, model: ModelConfig) -> ModelConfig:
+        return model.replace(
+            rope_theta=self.rope_theta, max_position_embeddings=self.max_position_embeddings
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LongContext:
+        missing = [f.name for f in fields(cls) if isinstance(data, dict) and f.name not in data]
+        if missing:
+            raise ConfigError(f"long_context.{missing[0]}", "missing; it has no default")
+        return _dataclass_from_dict(cls, data, "long_context")
+
+
+@dataclass(frozen=True)
+class DpoConfig:
+    """Direct Preference Optimization: `beta` scales the implicit reward
+    beta * (log pi(y|x) - log pi_ref(y|x)); the frozen reference is `reference` (our
+    checkpoint), by default the job's `init_from` (the SFT model DPO starts from)."""
+
+    beta: float = 0.1
+    reference: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError("dpo.beta", f"must be > 0 (typical: 0.01 to 0.5), got {self.beta}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DpoConfig:
+        return _dataclass_from_dict(cls, data, "dpo")
 
 
 def _dataclass_from_dict(cls, data: dict[str, Any], prefix: str):

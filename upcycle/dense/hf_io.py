@@ -44,11 +44,6 @@ def read_hf_config(hf_dir: Path) -> ModelConfig:
             "use_sliding_window", "sliding-window attention is not supported; set false"
         )
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ConfigError(
-            "rope_parameters.rope_type", f"{rope_type!r}: only 'default' is supported"
-        )
     common = dict(
         name=Path(hf_dir).name,
         vocab_size=hf["vocab_size"],
@@ -62,6 +57,7 @@ def read_hf_config(hf_dir: Path) -> ModelConfig:
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         max_position_embeddings=hf.get("max_position_embeddings", 32768),
         init_std=hf.get("initializer_range", 0.02),
+        **_read_rope_scaling(rope),
     )
     if kind == "qwen2":
         return ModelConfig(ffn_hidden_size=hf["intermediate_size"], **common)
@@ -81,6 +77,42 @@ def read_hf_config(hf_dir: Path) -> ModelConfig:
     )
 
 
+def _read_rope_scaling(rope: dict) -> dict:
+    """Our YaRN fields from transformers' `rope_parameters` (or legacy `rope_scaling`)."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return {}
+    if rope_type != "yarn":
+        raise ConfigError(
+            "rope_parameters.rope_type", f"{rope_type!r}: supported are 'default' and 'yarn'"
+        )
+    for key, default in (("beta_fast", 32), ("beta_slow", 1), ("truncate", True)):
+        if rope.get(key) not in (None, default):
+            raise ConfigError(f"rope_parameters.{key}", f"only the default {default} is supported")
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+        if rope.get(key) is not None:
+            raise ConfigError(f"rope_parameters.{key}", "not supported; remove it (Qwen2 has none)")
+    if not rope.get("factor") or not rope.get("original_max_position_embeddings"):
+        raise ConfigError(
+            "rope_parameters", "yarn needs 'factor' and 'original_max_position_embeddings'"
+        )
+    return {
+        "yarn_factor": float(rope["factor"]),
+        "yarn_original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
+    }
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    if cfg.yarn_factor == 1:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {
+        "rope_type": "yarn",
+        "rope_theta": cfg.rope_theta,
+        "factor": cfg.yarn_factor,
+        "original_max_position_embeddings": cfg.yarn_original_max_position_embeddings,
+    }
+
+
 def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     """The transformers `config.json` for `cfg`."""
     out = {
@@ -95,7 +127,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": _rope_parameters(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,
         "use_sliding_window": False,

@@ -4,6 +4,7 @@ Qwen2 in megatron-core terms: GQA (`num_query_groups`), bias on q/k/v only, SwiG
 (`gated_linear_unit` + silu), RMSNorm, RoPE. Qwen2-MoE: pre-softmax top-k routing when
 `norm_topk_prob` is false (softmax over all experts, then top-k), top-k-then-softmax when it is
 true (the same renormalised weights), a sigmoid-gated shared expert and the Switch aux loss.
+Long context: YaRN scaling of the RoPE frequencies when `yarn_factor > 1`.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def to_transformer_config(
             moe_permute_fusion=False,
         )
     fp8_args = dict(fp8=fp8, fp8_recipe=fp8_recipe) if fp8 else {}
-    return TransformerConfig(
+    tconfig = TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads,
@@ -103,3 +104,24 @@ def to_transformer_config(
         **moe,
         **fp8_args,
     )
+    if cfg.yarn_factor > 1:
+        _add_yarn(tconfig, cfg)
+    return tconfig
+
+
+def _add_yarn(tconfig: TransformerConfig, cfg: ModelConfig) -> None:
+    """YaRN settings where megatron-core looks for them.
+
+    megatron-core's `YarnRotaryEmbedding` (position_embedding_type "yarn") reads them from the
+    config, and `Attention` multiplies cos/sin by the concentration factor whenever the config has
+    `yarn_rotary_scaling_factor`; only the MLA config declares these fields, so they are set on
+    the plain one. mscale 1 / mscale_all_dim 0 make that factor 0.1 ln(s) + 1, transformers'
+    default `attention_factor` for Qwen2; beta 32/1 and integer correction bounds are its defaults.
+    """
+    tconfig.yarn_rotary_scaling_factor = cfg.yarn_factor
+    tconfig.yarn_original_max_position_embeddings = cfg.yarn_original_max_position_embeddings
+    tconfig.yarn_beta_fast = 32.0
+    tconfig.yarn_beta_slow = 1.0
+    tconfig.yarn_mscale = 1.0
+    tconfig.yarn_mscale_all_dim = 0.0
+    tconfig.yarn_correction_range_round_to_int = True

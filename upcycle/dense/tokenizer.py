@@ -58,17 +58,38 @@ class Tokenizer:
         """ChatML token ids for `messages` ({"role", "content"} dicts), ready for generation."""
         return self.encode(chat_text(messages, add_generation_prompt), allow_special=True)
 
+    def chat_tokens(self, messages: Iterable[Mapping[str, str]]) -> tuple[list[int], list[bool]]:
+        """ChatML ids of a whole conversation and, per id, whether it is the assistant's (its
+        content and the `<|im_end|>` that ends its turn: what supervised fine-tuning learns).
 
-def chat_text(messages: Iterable[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
-    """ChatML: `<|im_start|>role\\ncontent<|im_end|>\\n` per message, then the assistant prompt."""
-    parts = []
+        Encoded piece by piece so the mask is exact. The pieces meet at control tokens and
+        newlines, so this equals encoding `chat_text(messages, False)` in one go except where a
+        content starts or ends with whitespace that BPE would merge across the newline."""
+        ids: list[int] = []
+        mask: list[bool] = []
+        for m in _checked(messages):
+            head = self.encode(f"{IM_START}{m['role']}\n", allow_special=True)
+            body = self.encode(m["content"]) + [self.im_end_id]
+            tail = self.encode("\n")
+            ids += head + body + tail
+            mask += [False] * len(head) + [m["role"] == "assistant"] * len(body) + [False]
+        return ids, mask
+
+
+def _checked(messages: Iterable[Mapping[str, str]]) -> list[Mapping[str, str]]:
+    messages = list(messages)
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
         if role not in ("system", "user", "assistant", "tool") or not isinstance(content, str):
             raise ValueError(
                 f"messages[{i}]: needs role in system|user|assistant|tool and a string content"
             )
-        parts.append(f"{IM_START}{role}\n{content}{IM_END}\n")
+    return messages
+
+
+def chat_text(messages: Iterable[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+    """ChatML: `<|im_start|>role\\ncontent<|im_end|>\\n` per message, then the assistant prompt."""
+    parts = [f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in _checked(messages)]
     if add_generation_prompt:
         parts.append(f"{IM_START}assistant\n")
     return "".join(parts)

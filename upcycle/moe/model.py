@@ -35,7 +35,7 @@ def build_model(
         post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=cfg.tie_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="yarn" if cfg.yarn_factor > 1 else "rope",
         rotary_base=int(cfg.rope_theta),
         vp_stage=vp_stage,
     )

@@ -7,7 +7,8 @@ A prepared dataset is a folder written atomically (`upcycle.atomic`):
 
 Arrow IPC (uncompressed) rather than Parquet so that training memory-maps the shards and reads
 token windows without decoding or copying. The token stream is cut into samples of
-`seq_length + 1` tokens (inputs and next-token labels) that overlap by one token, samples are
+`seq_length + 1` tokens (inputs and next-token labels) that overlap by one token (`TokenWindows`;
+post-training jobs bring their own `Samples`, upcycle.platform.chat_data), samples are
 shuffled once per epoch with the job's seed, and global step `s` takes samples
 `[s * global_batch, (s + 1) * global_batch)` of that order; data-parallel rank `r` of `d` takes
 the r-th contiguous block of them. The batches of a step depend only on (seed, step, rank), so a
@@ -21,6 +22,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -43,15 +45,49 @@ def shard_name(index: int) -> str:
 
 @dataclass(frozen=True)
 class Batch:
-    """One micro-batch: `tokens` and next-token `labels`, both [micro_batch_size, seq_length]."""
+    """One micro-batch of rows, all [rows, seq_length].
+
+    `labels` are the next tokens. Post-training rows add `loss_mask` (which labels count: the
+    assistant's tokens) and, when several examples are packed into one row, `segments` (the
+    example each token belongs to: attention stays inside it and positions restart at 0)."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
+    loss_mask: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
 
     @property
     def positions(self) -> torch.Tensor:
         b, s = self.tokens.shape
-        return torch.arange(s).unsqueeze(0).expand(b, s)
+        if self.segments is None:
+            return torch.arange(s).unsqueeze(0).expand(b, s)
+        starts = torch.ones_like(self.segments, dtype=torch.bool)
+        starts[:, 1:] = self.segments[:, 1:] != self.segments[:, :-1]
+        index = torch.arange(s).expand(b, s)
+        first = torch.cummax(torch.where(starts, index, 0), dim=1).values
+        return index - first
+
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        """megatron-core's mask, [rows, 1, s, s], True where attention is blocked (None: causal)."""
+        if self.segments is None:
+            return None
+        s = self.tokens.shape[1]
+        causal = torch.ones(s, s, dtype=torch.bool).tril()
+        same = self.segments[:, :, None] == self.segments[:, None, :]
+        return ~(same & causal).unsqueeze(1)
+
+
+class Samples(Protocol):
+    """What a training job reads: numbered samples, any subset of them as one `Batch`."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: list[int]) -> Batch: ...
+
+    def too_few(self, needed: int) -> str:
+        """Why `needed` samples (one global batch) cannot be had, and the fix."""
+        ...
 
 
 class TokenDataset:
@@ -91,33 +127,50 @@ class TokenDataset:
         return self.tokens[start : start + seq_length + 1]
 
 
+class TokenWindows:
+    """Pretraining samples: the token stream cut into windows of `seq_length + 1` tokens."""
+
+    def __init__(self, dataset: TokenDataset, seq_length: int):
+        self.dataset, self.seq_length = dataset, seq_length
+
+    def __len__(self) -> int:
+        return self.dataset.num_samples(self.seq_length)
+
+    def batch(self, indices: list[int]) -> Batch:
+        rows = [self.dataset.sample(i, self.seq_length).astype(np.int64) for i in indices]
+        window = torch.from_numpy(np.stack(rows))
+        return Batch(tokens=window[:, :-1].contiguous(), labels=window[:, 1:].contiguous())
+
+    def too_few(self, needed: int) -> str:
+        d = self.dataset
+        return (
+            f"{d.path}: {d.num_tokens:,} tokens make {len(self)} samples of seq_length "
+            f"{self.seq_length}, fewer than one global batch ({needed}); prepare more text or "
+            "lower train.seq_length / layout.global_batch_size"
+        )
+
+
 class StepBatches:
     """The micro-batches each data-parallel rank reads at each step (see the module docstring)."""
 
     def __init__(
         self,
-        dataset: TokenDataset,
+        samples: Samples,
         *,
-        seq_length: int,
         micro_batch_size: int,
         global_batch_size: int,
         dp_rank: int,
         dp_size: int,
         seed: int,
     ):
-        self.dataset = dataset
-        self.seq_length = seq_length
+        self.source = samples
         self.mbs = micro_batch_size
         self.gbs = global_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed = seed
-        self.samples = dataset.num_samples(seq_length)
+        self.samples = len(samples)
         if self.samples < global_batch_size:
-            raise DataError(
-                f"{dataset.path}: {dataset.num_tokens:,} tokens make {self.samples} samples of "
-                f"seq_length {seq_length}, fewer than one global batch ({global_batch_size}); "
-                "prepare more text or lower data.seq_length / layout.global_batch_size"
-            )
+            raise DataError(samples.too_few(global_batch_size))
         self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)
 
@@ -139,12 +192,5 @@ class StepBatches:
         """This rank's micro-batches of global step `step` (0-based)."""
         per_rank = self.gbs // self.dp_size
         first = step * self.gbs + self.dp_rank * per_rank
-        rows = [
-            self.dataset.sample(self._global_index(first + j), self.seq_length).astype(np.int64)
-            for j in range(per_rank)
-        ]
-        window = torch.from_numpy(np.stack(rows))
-        return [
-            Batch(tokens=w[:, :-1].contiguous(), labels=w[:, 1:].contiguous())
-            for w in window.split(self.mbs)
-        ]
+        indices = [self._global_index(first + j) for j in range(per_rank)]
+        return [self.source.batch(indices[i : i + self.mbs]) for i in range(0, per_rank, self.mbs)]

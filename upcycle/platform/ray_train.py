@@ -118,6 +118,7 @@ def fit(
         data=absolute(job.data),
         init_from=absolute(job.init_from),
         resume_from=absolute(job.resume_from),
+        dpo=dataclasses.replace(job.dpo, reference=absolute(job.dpo.reference)),
         tracking_uri=job.tracking_uri or default_tracking_uri(),
         tracking_dir=job.tracking_dir or str(storage_path / job.name / "tracking"),
         tags={

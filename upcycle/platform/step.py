@@ -1,4 +1,5 @@
-"""The per-rank pieces of a training step: model chunks, optimizer, forward step.
+"""The per-rank pieces of a training step: model chunks and optimizer (the forward steps are in
+upcycle.platform.objectives).
 
 Kept apart from the job loop (`upcycle.platform.training`) so that benchmarks and the GPU check
 build exactly what training runs, with only torch and megatron-core imported.
@@ -14,7 +15,6 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from upcycle import runtime
 from upcycle.config import Layout, ModelConfig, TrainConfig
 from upcycle.moe.model import build_model
-from upcycle.platform.data import Batch
 
 
 def param_dtype(train: TrainConfig) -> torch.dtype:
@@ -23,8 +23,11 @@ def param_dtype(train: TrainConfig) -> torch.dtype:
     return torch.float32
 
 
-def build_chunks(model_cfg: ModelConfig, layout: Layout, tconfig) -> list[torch.nn.Module]:
-    """This rank's model chunks (one per virtual pipeline stage), each wrapped in megatron DDP."""
+def build_chunks(
+    model_cfg: ModelConfig, layout: Layout, tconfig, *, trainable: bool = True
+) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), each wrapped in megatron DDP;
+    `trainable=False`: plain frozen modules (DPO's reference model)."""
     vpp = layout.vpp if layout.vpp > 1 else None
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -46,6 +49,9 @@ def build_chunks(model_cfg: ModelConfig, layout: Layout, tconfig) -> list[torch.
             vp_stage=stage,
         )
         model.to(runtime.device())
+        if not trainable:
+            chunks.append(model.eval().requires_grad_(False))
+            continue
         chunks.append(
             DistributedDataParallel(
                 config=tconfig, ddp_config=ddp_config, module=model, disable_bucketing=vp > 0
@@ -72,17 +78,3 @@ def build_optimizer(chunks: list[torch.nn.Module], t: TrainConfig, tconfig):
         ),
         chunks,
     )
-
-
-def forward_step(data_iterator, model):
-    batch: Batch = next(data_iterator)
-    device = runtime.device()
-    output = model(
-        batch.tokens.to(device), batch.positions.to(device), None, labels=batch.labels.to(device)
-    )
-
-    def loss_func(per_token_loss: torch.Tensor):
-        loss = per_token_loss.float().mean()
-        return loss, {"lm loss": loss.detach().clone()}  # the schedule divides `loss` in place
-
-    return output, loss_func

@@ -1,5 +1,8 @@
 """The training loop every rank runs: megatron-core model chunks, DDP, optimizer and schedule.
 
+One loop for every objective (upcycle.platform.objectives): pretraining on token shards, SFT on
+packed ChatML conversations, DPO on preference pairs against a frozen reference model.
+
 `train(job, sink)` is the same code in a Ray Train worker (`upcycle.platform.ray_train`, where the
 sink reports checkpoints to Ray) and in one plain process (`LocalSink`, for single-process
 reference runs and debugging). Per step: megatron-core's forward-backward schedule (1F1B, or
@@ -10,6 +13,7 @@ optimizer step, warmup + cosine LR; metrics are reduced to every rank and rank 0
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import tempfile
 import time
@@ -27,9 +31,18 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from upcycle import runtime
 from upcycle.atomic import atomic_directory
-from upcycle.config import ConfigError, Layout, ModelConfig, TrainConfig, from_name
+from upcycle.config import (
+    ConfigError,
+    DpoConfig,
+    Layout,
+    LongContext,
+    ModelConfig,
+    TrainConfig,
+    from_name,
+)
 from upcycle.dense.megatron_config import to_transformer_config
 from upcycle.moe import aux_loss
+from upcycle.platform.chat_data import PackedConversations, PreferencePairs
 from upcycle.platform.checkpoint import (
     LINEAGE,
     load_checkpoint,
@@ -37,11 +50,12 @@ from upcycle.platform.checkpoint import (
     newest_valid,
     save_training_state,
 )
-from upcycle.platform.data import StepBatches, TokenDataset
+from upcycle.platform.data import Samples, StepBatches, TokenDataset, TokenWindows
 from upcycle.platform.distributed import init_parallel_state
 from upcycle.platform.metrics import ExpertLoad, peak_flops, train_flops_per_token
+from upcycle.platform.objectives import Dpo, lm_step
 from upcycle.platform.plots import expert_load_heatmap
-from upcycle.platform.step import build_chunks, build_optimizer, forward_step, param_dtype
+from upcycle.platform.step import build_chunks, build_optimizer, param_dtype
 from upcycle.platform.tracking import RunTracker
 
 
@@ -50,9 +64,12 @@ class TrainJob:
     """Everything a training run needs; plain data, so it travels to Ray workers as a dict."""
 
     model: ModelConfig
-    data: str  # a folder written by `upcycle data prepare`
+    data: str  # pretrain: a folder written by `upcycle data prepare`; sft, dpo: a JSONL file
     layout: Layout = Layout()
     train: TrainConfig = TrainConfig()
+    objective: str = "pretrain"  # pretrain | sft | dpo
+    dpo: DpoConfig = DpoConfig()
+    long_context: LongContext | None = None  # applied to `model` when the job is read
     init_from: str | None = None  # our checkpoint to start from (weights only; any layout)
     resume_from: str | None = None  # a training checkpoint to continue (weights, optimizer, step)
     name: str = "train"
@@ -82,13 +99,26 @@ class TrainJob:
         model = from_name(model) if isinstance(model, str) else ModelConfig.from_dict(model)
         layout = Layout.from_dict(d.pop("layout", None) or {})
         train = TrainConfig.from_dict(d.pop("train", None) or {})
-        return cls(model=model, layout=layout, train=train, **d)
+        dpo = DpoConfig.from_dict(d.pop("dpo", None) or {})
+        long_context = d.pop("long_context", None)
+        if long_context is not None:
+            long_context = LongContext.from_dict(long_context)
+            model = long_context.apply(model)
+        return cls(model=model, layout=layout, train=train, dpo=dpo, long_context=long_context, **d)
 
     def validate(self, world_size: int, *, on_this_machine: bool = True) -> Layout:
         """Check the job against a world size before any worker starts; the resolved layout.
 
         `on_this_machine=False` checks only what does not depend on this machine (a spec meant
         for a GPU cluster: no data folder here, no CUDA)."""
+        if self.objective not in OBJECTIVES:
+            raise ConfigError("objective", f"{self.objective!r}; allowed: {OBJECTIVES}")
+        if self.objective == "dpo" and not (self.dpo.reference or self.init_from):
+            raise ConfigError(
+                "init_from",
+                "DPO starts from a trained (SFT) checkpoint, which is also its frozen reference: "
+                "set init_from (or dpo.reference)",
+            )
         layout = self.layout.resolve(world_size)
         layout.check_model(self.model)
         if self.train.seq_length > self.model.max_position_embeddings:
@@ -108,8 +138,29 @@ class TrainJob:
             runtime.require_te(f"train.fp8={self.train.fp8!r}")
         if self.train.dtype == "bf16" and not runtime.has_cuda():
             raise ConfigError("train.dtype", "bf16 training needs a CUDA device; use fp32 or auto")
-        TokenDataset(Path(self.data))  # exists and verifies
+        if self.objective == "sft" and runtime.te_available():
+            # TE's fused attention takes packed sequences as THD + cu_seqlens, not a mask
+            raise ConfigError(
+                "objective",
+                "SFT packing uses an attention mask, which Transformer Engine's attention does "
+                "not read; run SFT where TE is not installed (megatron-core's local attention)",
+            )
+        self.samples()  # the data exists, verifies and parses
         return layout
+
+    def samples(self) -> Samples:
+        """What this job reads: token windows, packed conversations or preference pairs."""
+        t = self.train
+        if self.objective == "sft":
+            return PackedConversations(Path(self.data), t.seq_length, t.seed)
+        if self.objective == "dpo":
+            return PreferencePairs(Path(self.data), t.seq_length)
+        return TokenWindows(TokenDataset(Path(self.data)), t.seq_length)
+
+    @property
+    def reference(self) -> str | None:
+        """DPO's frozen reference checkpoint."""
+        return self.dpo.reference or self.init_from
 
 
 class Sink(Protocol):
@@ -134,10 +185,30 @@ class LocalSink:
             write(tmp)
 
 
+OBJECTIVES = ("pretrain", "sft", "dpo")
+
+
+def _data_params(samples: Samples) -> dict:
+    if isinstance(samples, TokenWindows):
+        d = samples.dataset
+        return {
+            "data.num_tokens": d.num_tokens,
+            "data.manifest_sha256": d.manifest_sha256,
+            "data.shards": len(d.meta["shards"]),
+        }
+    params = {
+        "data.sha256": hashlib.sha256(samples.path.read_bytes()).hexdigest(),
+        "data.truncated": samples.truncated,  # examples cut to train.seq_length
+    }
+    if isinstance(samples, PackedConversations):
+        return params | {"data.conversations": samples.num_examples, "data.rows": len(samples)}
+    return params | {"data.pairs": len(samples)}
+
+
 class _RunLog:
     """Rank 0's MLflow run for this job (other ranks: nothing)."""
 
-    def __init__(self, job: TrainJob, layout: Layout, dataset: TokenDataset):
+    def __init__(self, job: TrainJob, layout: Layout, samples: Samples):
         self.tracker = None
         if dist.get_rank() != 0 or not job.tracking_dir:
             return
@@ -154,10 +225,20 @@ class _RunLog:
                 **{f"layout.{k}": v for k, v in dataclasses.asdict(layout).items()},
                 **{f"train.{k}": v for k, v in job.train.to_dict().items()},
                 "data": job.data,
-                "data.num_tokens": dataset.num_tokens,
-                "data.manifest_sha256": dataset.manifest_sha256,
-                "data.shards": len(dataset.meta["shards"]),
+                **_data_params(samples),
                 "init_from": job.init_from or "",
+                "objective": job.objective,
+                **(
+                    {"dpo.beta": job.dpo.beta, "dpo.reference": job.reference}
+                    if job.objective == "dpo"
+                    else {}
+                ),
+                **{
+                    f"long_context.{k}": v
+                    for k, v in (
+                        dataclasses.asdict(job.long_context) if job.long_context else {}
+                    ).items()
+                },
             }
         )
         self.tracker.set_tags({**job.tags, **_lineage_tags(job.init_from)})
@@ -170,6 +251,11 @@ class _RunLog:
         if self.tracker:
             self.tracker.log_metrics(step, values)
             aux = f" aux {values['aux_loss']:.4f}" if "aux_loss" in values else ""
+            if "rewards/margin" in values:
+                aux += (
+                    f" margin {values['rewards/margin']:.4f} "
+                    f"accuracy {values['rewards/accuracy']:.2f}"
+                )
             print(
                 f"step {step}/{steps} loss {values['loss']:.4f}{aux} grad norm "
                 f"{values['grad_norm']:.3f} lr {values['lr']:.2e} "
@@ -197,15 +283,20 @@ def _lineage_tags(init_from: str | None) -> dict[str, str]:
     return {**{f"upcycled.{k}": v for k, v in lineage.items()}, **settings}
 
 
-def _reduce_step_metrics(job: TrainJob, losses: list[dict], num_microbatches: int) -> dict:
-    """lm loss (mean over micro-batches and data-parallel ranks) and per-layer aux loss."""
+def _reduce_step_metrics(
+    job: TrainJob, keys: list[str], losses: list[dict], num_microbatches: int
+) -> dict:
+    """The objective's metrics (mean over micro-batches and data-parallel ranks), per-layer aux
+    loss, and `loss`: the objective plus the weighted aux loss."""
     cfg = job.model
     device = runtime.device()  # NCCL reduces device tensors only
-    lm = torch.zeros(2, dtype=torch.float64, device=device)
+    sums = torch.zeros(len(keys) + 1, dtype=torch.float64, device=device)
     for d in losses:  # only the last pipeline stage has losses
-        lm += torch.tensor([float(d["lm loss"]), 1.0], dtype=torch.float64, device=device)
-    dist.all_reduce(lm)
-    out = {"lm_loss": float(lm[0] / lm[1])}
+        row = [*(float(d[k]) for k in keys), 1.0]
+        sums += torch.tensor(row, dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    out = dict(zip(keys, (sums[:-1] / sums[-1]).tolist(), strict=True))
+    objective = out.pop("objective")
     if cfg.is_moe:
         # Each layer's value lives on its stage; sequence-parallel ranks hold partial sums.
         per_layer = aux_loss.layer_aux_losses(cfg).to(device, torch.float64)
@@ -214,9 +305,9 @@ def _reduce_step_metrics(job: TrainJob, losses: list[dict], num_microbatches: in
         dp = parallel_state.get_data_parallel_world_size()
         per_layer /= dp * num_microbatches
         out["aux_loss"] = float(per_layer.mean())
-        out["loss"] = out["lm_loss"] + cfg.router_aux_loss_coef * out["aux_loss"]
+        out["loss"] = objective + cfg.router_aux_loss_coef * out["aux_loss"]
     else:
-        out["loss"] = out["lm_loss"]
+        out["loss"] = objective
     return out
 
 
@@ -265,11 +356,16 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
         scheduler.load_state_dict(state["scheduler"])
     elif job.init_from:
         load_checkpoint(chunks, Path(job.init_from))
+    dpo = ref_chunks = None
+    if job.objective == "dpo":
+        dpo = Dpo(job.dpo.beta)
+        ref_chunks = build_chunks(job.model, layout, tconfig, trainable=False)
+        load_checkpoint(ref_chunks, Path(job.reference))
+        aux_loss.reset()
 
-    dataset = TokenDataset(Path(job.data))
+    samples = job.samples()
     batches = StepBatches(
-        dataset,
-        seq_length=t.seq_length,
+        samples,
         micro_batch_size=layout.micro_batch_size,
         global_batch_size=layout.global_batch_size,
         dp_rank=parallel_state.get_data_parallel_rank(),
@@ -277,7 +373,12 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
         seed=t.seed,
     )
     n_micro = batches.num_microbatches
-    run_log = _RunLog(job, layout, dataset)
+    rows_per_micro = layout.micro_batch_size * (2 if dpo else 1)  # DPO: chosen + rejected rows
+    keys = _metric_keys(job)
+    schedule = dict(
+        num_microbatches=n_micro, seq_length=t.seq_length, micro_batch_size=rows_per_micro
+    )
+    run_log = _RunLog(job, layout, samples)
     expert_load = ExpertLoad(job.model, chunks, layout.sequence_parallel)
     expert_tokens = torch.zeros_like(expert_load.counts, device="cpu")
     flops_per_step = (
@@ -294,24 +395,25 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         micro = batches.step(step)
+        if dpo:
+            dpo.reference(forward_backward, ref_chunks, micro, **schedule)
+            aux_loss.reset()  # the reference's router losses are not the policy's
         losses = forward_backward(
-            forward_step_func=forward_step,
+            forward_step_func=dpo.policy_step if dpo else lm_step,
             data_iterator=[iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro),
             model=chunks,
-            num_microbatches=n_micro,
-            seq_length=t.seq_length,
-            micro_batch_size=layout.micro_batch_size,
             forward_only=False,
+            **schedule,
         )
         _ok, grad_norm, _zeros = optimizer.step()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step(increment=1)
-        metrics = _reduce_step_metrics(job, losses, n_micro)
+        metrics = _reduce_step_metrics(job, keys, losses, n_micro)
         elapsed = time.perf_counter() - began
         metrics.update(
             grad_norm=float("nan") if grad_norm is None else float(grad_norm),  # clip_grad=0
             lr=lr,
-            tokens_per_s=layout.global_batch_size * t.seq_length / elapsed,
+            tokens_per_s=layout.global_batch_size * t.seq_length / elapsed * (2 if dpo else 1),
             step_time_s=elapsed,
             mfu=flops_per_step / elapsed / peak if peak else 0.0,
         )
@@ -346,6 +448,20 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
     return metrics
 
 
+def _metric_keys(job: TrainJob) -> list[str]:
+    """The keys of the objective's loss-function dicts (upcycle.platform.objectives)."""
+    if job.objective == "dpo":
+        return [
+            "objective",
+            "dpo_loss",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margin",
+            "rewards/accuracy",
+        ]
+    return ["objective", "lm_loss"]
+
+
 def _headline(metrics: dict[str, float]) -> dict[str, float]:
-    keys = ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "tokens_per_s")
+    keys = ("loss", "lm_loss", "dpo_loss", "aux_loss", "grad_norm", "lr", "tokens_per_s")
     return {k: metrics[k] for k in keys if k in metrics}

@@ -81,7 +81,9 @@ def randomise(model: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn.M
     return model.eval()
 
 
-def tiny_qwen2(tmp_path, *, tie: bool = False, kv_heads: int = 2, seed: int = 0, rope_scaling=None):
+def tiny_qwen2(
+    tmp_path, *, tie=False, kv_heads=2, seed=0, rope_scaling=None, std=0.1
+):  # fmt: skip
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(
@@ -91,7 +93,7 @@ def tiny_qwen2(tmp_path, *, tie: bool = False, kv_heads: int = 2, seed: int = 0,
         rope_scaling=rope_scaling,
     )  # fmt: skip
     torch.manual_seed(seed)
-    model = randomise(Qwen2ForCausalLM(cfg), seed)
+    model = randomise(Qwen2ForCausalLM(cfg), seed, std)
     model.save_pretrained(tmp_path)
     return model
 

@@ -13,6 +13,10 @@ A step is a flat run of tokens from several sequences (`StepPlan`): decode steps
 per sequence, prefill chunks many; both mix freely in one forward. Tokens travel in megatron's
 [s, b, h] layout as [T, 1, h], so the linears and the MoE layer see T tokens, whatever sequence
 they belong to; RoPE gets each token's own position.
+
+With Dual Chunk Attention (`DualChunkRoPE` in the step state; upcycle.dense.dual_chunk) megatron
+applies no RoPE: keys are rotated at their chunk positions before they are cached, and each query
+three ways (intra, successive, inter chunk) before `DualChunk.attend`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+from upcycle.dense.dual_chunk import DualChunk
 
 
 @dataclass
@@ -59,6 +66,7 @@ class StepIndex:
         # query row (i, j) sits at position offsets[i] + j; padded rows get the last real one
         q_pos = torch.tensor(plan.offsets)[:, None] + torch.arange(self.max_len)[None, :]
         q_pos = torch.minimum(q_pos, (ends - 1)[:, None])
+        self.q_pos = q_pos.to(device)  # [num_seqs, max_len]
         key_pos = torch.arange(self.kv_len)
         self.mask = (key_pos[None, None, None, :] <= q_pos[:, None, :, None]).to(device)
 
@@ -74,11 +82,27 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
 
 
+@dataclass(frozen=True)
+class DualChunkRoPE:
+    """What `CachedAttention` needs for Dual Chunk Attention: the chunk rules, megatron's RoPE
+    angle table (positions 0..chunk_size), the transformer config and YaRN's cos/sin factor."""
+
+    dca: DualChunk
+    table: torch.Tensor  # [chunk_size + 1, 1, 1, head_dim]
+    config: object
+    mscale: float
+
+    def rotate(self, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`t` [T, 1, heads, d] rotated to `positions` [T] (megatron-core's RoPE application)."""
+        return apply_rotary_pos_emb(t, self.table[positions], self.config, mscale=self.mscale)
+
+
 class CachedAttention(torch.nn.Module):
     """Drop-in for megatron-core's `DotProductAttention` that reads and writes the KV cache.
 
-    Called by megatron's `Attention.forward` with RoPE already applied: query [T, 1, heads, d],
-    key/value [T, 1, kv_heads, d]; returns [T, 1, heads * d] like the module it replaces.
+    Called by megatron's `Attention.forward` (RoPE applied, unless Dual Chunk Attention is on):
+    query [T, 1, heads, d], key/value [T, 1, kv_heads, d]; returns [T, 1, heads * d] like the
+    module it replaces.
     """
 
     def __init__(self, cache: KVCache, layer: int, runner_state: dict):
@@ -87,19 +111,34 @@ class CachedAttention(torch.nn.Module):
 
     def forward(self, query, key, value, attention_mask=None, **_ignored):
         idx: StepIndex = self.state["index"]
+        rope: DualChunkRoPE | None = self.state.get("dual_chunk")
+        if rope is not None:
+            key = rope.rotate(key, rope.dca.key_positions(idx.positions))
         k_cache, v_cache = self.cache.keys[self.layer], self.cache.values[self.layer]
         k_cache[idx.token_slots, :, idx.positions] = key[:, 0]
         v_cache[idx.token_slots, :, idx.positions] = value[:, 0]
         heads, d = query.shape[2], query.shape[3]
-        q = query.new_zeros(idx.num_seqs, idx.max_len, heads, d)
-        q[idx.seg, idx.within] = query[:, 0]
         k = k_cache[idx.seq_slots, :, : idx.kv_len]
         v = v_cache[idx.seq_slots, :, : idx.kv_len]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k, v, attn_mask=idx.mask, enable_gqa=k.shape[1] != heads
-        )  # [B, heads, max_len, d]
+        if rope is None:
+            out = F.scaled_dot_product_attention(
+                _by_sequence(query, idx), k, v, attn_mask=idx.mask, enable_gqa=k.shape[1] != heads
+            )  # [B, heads, max_len, d]
+        else:
+            queries = tuple(
+                _by_sequence(rope.rotate(query, p), idx)
+                for p in rope.dca.query_positions(idx.positions)
+            )
+            out = rope.dca.attend(queries, k, v, idx.q_pos, scale=d**-0.5)
         out = out.transpose(1, 2)[idx.seg, idx.within]  # [T, heads, d]
         return out.reshape(out.shape[0], 1, heads * d)
+
+
+def _by_sequence(query: torch.Tensor, idx: StepIndex) -> torch.Tensor:
+    """Flat step rows [T, 1, heads, d] -> [num_seqs, heads, max_len, d] (zero-padded)."""
+    q = query.new_zeros(idx.num_seqs, idx.max_len, query.shape[2], query.shape[3])
+    q[idx.seg, idx.within] = query[:, 0]
+    return q.transpose(1, 2)
 
 
 def install(model: torch.nn.Module, cache: KVCache) -> dict:

@@ -20,12 +20,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_get_concentration_factor_from_config,
+)
 from pydantic import BaseModel, ConfigDict, Field
 
 from upcycle import runtime
 from upcycle.config import ConfigError, Layout, ModelConfig
+from upcycle.dense.dual_chunk import DualChunk
 from upcycle.deploy import kv_cache
-from upcycle.deploy.kv_cache import KVCache, StepIndex, StepPlan
+from upcycle.deploy.kv_cache import DualChunkRoPE, KVCache, StepIndex, StepPlan
 from upcycle.platform.checkpoint import load_checkpoint, read_model_config
 from upcycle.platform.cpu import device_rewrites_paused
 
@@ -44,14 +48,24 @@ class RunnerConfig(BaseModel):
     threads: int = Field(default=0, ge=0)  # torch threads per rank; 0 keeps torch's default
     cpus_per_rank: float = Field(default=1.0, gt=0)  # Ray CPUs reserved for each rank
     gpus_per_rank: float = Field(default=0.0, ge=0)  # Ray GPUs per rank (1 on GPU clusters)
+    # Dual Chunk Attention past the trained context: 0 is off; else the length the model was
+    # trained at (chunk 3/4 of it, local window 1/16; upcycle.dense.dual_chunk)
+    dual_chunk_length: int = Field(default=0, ge=0)
 
     def check(self, cfg: ModelConfig) -> None:
         """Raise ConfigError("engine.<field>", ...) if this does not fit model `cfg`."""
-        if self.max_model_len > cfg.max_position_embeddings:
+        if self.dual_chunk_length:
+            if not 16 <= self.dual_chunk_length <= cfg.max_position_embeddings:
+                raise ConfigError(
+                    "engine.dual_chunk_length",
+                    f"{self.dual_chunk_length}: the trained context length, between 16 and the "
+                    f"model's max_position_embeddings ({cfg.max_position_embeddings})",
+                )
+        elif self.max_model_len > cfg.max_position_embeddings:
             raise ConfigError(
                 "engine.max_model_len",
                 f"{self.max_model_len} exceeds the model's max_position_embeddings "
-                f"{cfg.max_position_embeddings}",
+                f"{cfg.max_position_embeddings}; set engine.dual_chunk_length to go beyond it",
             )
         # sequence parallelism is a training-time requirement of megatron's MoE layer (it
         # asserts it only in training); serving runs without it, so the check assumes it on.
@@ -122,7 +136,17 @@ class ModelRunner:
         )
         self._state = kv_cache.install(self.model, self.cache)
         _skip_idle_experts(self.model)
-        self._rope = self.model.rotary_pos_emb(rc.max_model_len)  # [len, 1, 1, head_dim]
+        self._rope = None  # megatron applies RoPE from this table, or DCA does its own
+        if rc.dual_chunk_length:
+            dca = DualChunk.for_trained_length(rc.dual_chunk_length)
+            self._state["dual_chunk"] = DualChunkRoPE(
+                dca,
+                _rope_table(self.model, dca.chunk_size + 1),
+                tconfig,
+                _yarn_get_concentration_factor_from_config(tconfig),
+            )
+        else:
+            self._rope = _rope_table(self.model, rc.max_model_len)
 
     def forward(self, plan: StepPlan) -> torch.Tensor:
         """Logits [num_seqs, vocab] (fp32, on the CPU) of each sequence's last token in `plan`
@@ -152,12 +176,20 @@ class ModelRunner:
         m = self.model
         tokens = torch.tensor(plan.tokens, device=device)[None, :]
         hidden = m.embedding(input_ids=tokens, position_ids=index.positions[None, :])
-        hidden = m.decoder(hidden, attention_mask=None, rotary_pos_emb=self._rope[index.positions])
+        rope = None if self._rope is None else self._rope[index.positions]
+        hidden = m.decoder(hidden, attention_mask=None, rotary_pos_emb=rope)
         hidden = hidden[index.last_token]  # [num_seqs, 1, hidden]
         tied = m.share_embeddings_and_output_weights
         weight = m.shared_embedding_or_output_weight() if tied else None
         logits, _ = m.output_layer(hidden, weight=weight, runtime_gather_output=True)
         return logits[:, 0].float().cpu()
+
+
+def _rope_table(model: torch.nn.Module, length: int) -> torch.Tensor:
+    """megatron-core's RoPE angles [length, 1, 1, head_dim] (YaRN's come with its cos/sin factor,
+    which megatron's attention reads from the config)."""
+    table = model.rotary_pos_emb(length)
+    return table[0] if isinstance(table, tuple) else table
 
 
 def _skip_idle_experts(model: torch.nn.Module) -> None:

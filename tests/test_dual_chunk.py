@@ -78,7 +78,11 @@ def _teacher_forced(runner: ModelRunner, prompts: dict[int, list[int]], prefill:
         live = [s for s, p in prompts.items() if done[s] < len(p)]
         lengths = [min(16, prefill[s] - done[s]) if done[s] < prefill[s] else 1 for s in live]
         plan = StepPlan(
-            tokens=[t for s, n in zip(live, lengths) for t in prompts[s][done[s] : done[s] + n]],
+            tokens=[
+                t
+                for s, n in zip(live, lengths, strict=True)
+                for t in prompts[s][done[s] : done[s] + n]
+            ],
             slots=live,
             offsets=[done[s] for s in live],
             lengths=lengths,

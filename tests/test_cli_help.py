@@ -25,8 +25,8 @@ COMMANDS = _paths(typer.main.get_command(app))
 
 def test_every_command_is_listed():
     names = {" ".join(p) for p in COMMANDS}
-    for expected in ("train", "convert", "serve", "eval", "pipeline", "plan", "data prepare",
-                     "runs register", "model info"):  # fmt: skip
+    for expected in ("train", "sft", "dpo", "convert", "serve", "eval", "pipeline", "plan",
+                     "data prepare", "data chat-demo", "runs register", "model info"):  # fmt: skip
         assert expected in names
 
 

@@ -248,3 +248,20 @@ def test_long_context_continued_pretraining_changes_the_rope_base(tmp_path, corp
     assert (saved.rope_theta, saved.max_position_embeddings) == (1e6, 256)
     inv_freq = build_model(saved).rotary_pos_emb.inv_freq
     assert inv_freq[1].item() == pytest.approx(1e6 ** (-2 / CFG.head_dim), rel=1e-6)
+
+
+def test_sft_and_dpo_commands_check_the_spec_before_any_worker(tmp_path):
+    from typer.testing import CliRunner
+
+    from upcycle.jobs.cli import app
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"model: tiny-dense\ndata: {bad}\nobjective: sft\n")
+    result = CliRunner().invoke(app, ["dpo", str(spec)])
+    assert result.exit_code == 2
+    assert "objective: 'sft', but `upcycle dpo` runs dpo" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["sft", str(spec)])
+    assert result.exit_code == 2
+    assert "bad.jsonl:1: no assistant message" in " ".join(result.output.split())

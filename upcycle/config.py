@@ -17,8 +17,11 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and what is allowed."""
 
     def __init__(self, field_name: str, message: str):
-        self.field = field_name
+        self.field, self.message = field_name, message
         super().__init__(f"{field_name}: {message}")
+
+    def __reduce__(self):  # raised inside Ray tasks: must survive pickling
+        return type(self), (self.field, self.message)
 
 
 @dataclass(frozen=True)

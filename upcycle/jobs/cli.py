@@ -155,26 +155,77 @@ def data_prepare(
     )
 
 
-@app.command()
-def train(
-    spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="job spec (YAML)"),
-    workers: int = typer.Option(1, min=1, help="Ray Train workers (ranks)"),
-    storage: Path = typer.Option(Path("runs"), help="where checkpoints and run state go"),
-    max_failures: int = typer.Option(1, min=0, help="restarts from the last checkpoint"),
-    address: str = typer.Option(None, help=ADDRESS_HELP),
+@data_app.command("chat-demo")
+def data_chat_demo(
+    out_dir: Path = typer.Argument(..., help="new folder for sft.jsonl and dpo.jsonl"),
+    seed: int = typer.Option(0, help="which wrong answers become DPO's rejected replies"),
 ) -> None:
-    """Train (or resume) the job in SPEC on a Ray Train worker group; tracked in MLflow."""
+    """Post-training demo data from the Python standard library's docstrings (no download):
+    SFT conversations and DPO pairs about its functions."""
+    from upcycle.jobs.chat_demo import write
+
+    try:
+        sft_path, dpo_path = write(out_dir, seed)
+    except FileExistsError as e:
+        _fail(str(e))
+    n = len(sft_path.read_text().splitlines())
+    console.print(f"{n} conversations -> {sft_path}; {n} preference pairs -> {dpo_path}")
+
+
+def _training_command(name: str, objective: str | None, doc: str) -> None:
+    """Register `upcycle NAME SPEC`: one job runner for train, sft and dpo."""
+
+    def command(
+        spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="job spec (YAML)"),
+        workers: int = typer.Option(1, min=1, help="Ray Train workers (ranks)"),
+        storage: Path = typer.Option(Path("runs"), help="where checkpoints and run state go"),
+        max_failures: int = typer.Option(1, min=0, help="restarts from the last checkpoint"),
+        address: str = typer.Option(None, help=ADDRESS_HELP),
+    ) -> None:
+        _run_training(spec, objective, workers, storage, max_failures, address)
+
+    command.__doc__ = doc
+    app.command(name)(command)
+
+
+_training_command(
+    "train",
+    None,
+    "Train (or resume) the job in SPEC on a Ray Train worker group; tracked in MLflow.",
+)
+_training_command(
+    "sft", "sft",
+    """Supervised fine-tuning on ChatML conversations (data: JSONL of {"messages": [...]}):
+    loss on the assistant's tokens, conversations packed without seeing each other.""",
+)  # fmt: skip
+_training_command(
+    "dpo", "dpo",
+    """Direct Preference Optimization on offline pairs (data: JSONL of {"prompt", "chosen",
+    "rejected"}) against the frozen starting model; logs reward margins and accuracy.""",
+)  # fmt: skip
+
+
+def _run_training(spec, objective, workers, storage, max_failures, address) -> None:
+    """sft/dpo set (or check) the spec's objective; `train` takes it as written."""
     import yaml
 
     from upcycle.platform.cluster import ensure_ray
+    from upcycle.platform.data import DataError
     from upcycle.platform.ray_train import fit
     from upcycle.platform.tracking import default_tracking_uri
     from upcycle.platform.training import TrainJob
 
     try:
-        job = TrainJob.from_dict(yaml.safe_load(spec.read_text()) or {})
+        data = yaml.safe_load(spec.read_text()) or {}
+        if objective and isinstance(data, dict):
+            if data.setdefault("objective", objective) != objective:
+                raise ConfigError(
+                    "objective",
+                    f"{data['objective']!r}, but `upcycle {objective}` runs {objective}",
+                )
+        job = TrainJob.from_dict(data)
         job.validate(workers)
-    except (ConfigError, yaml.YAMLError, TypeError) as e:
+    except (ConfigError, DataError, yaml.YAMLError, TypeError) as e:
         _fail(f"{spec}: {e}")
     _submit_if_remote(address)
     ensure_ray()
@@ -308,24 +359,41 @@ def evaluate(
     data: Path = typer.Option(..., exists=True, file_okay=False, help="held-out token shards"),
     seq_length: int = typer.Option(128, min=1, help="tokens per window"),
     max_windows: int = typer.Option(64, min=1, help="windows evaluated (from the start)"),
+    needle: bool = typer.Option(False, help="also run needle-in-a-haystack over the grid below"),
+    lengths: str = typer.Option("256,512,1024", help="needle: context lengths in tokens"),
+    depths: str = typer.Option("0,0.25,0.5,0.75,1", help="needle: depths (0 start, 1 end)"),
+    trials: int = typer.Option(2, min=1, help="needle: prompts per (length, depth) cell"),
+    dual_chunk_length: int = typer.Option(
+        0, min=0, help="needle: Dual Chunk Attention for the trained length N (0: off)"
+    ),
     run_name: str = typer.Option(None, help="MLflow run name (default: eval-MODEL)"),
     address: str = typer.Option(None, help=ADDRESS_HELP),
 ) -> None:
-    """Held-out perplexity of a checkpoint (a Ray task), recorded as an MLflow run."""
+    """Held-out perplexity of a checkpoint and, with --needle, needle-in-a-haystack retrieval
+    (Ray tasks), recorded as one MLflow run with a heatmap of the needle grid."""
     import tempfile
 
     from upcycle.jobs.evaluate import run
+    from upcycle.jobs.needle import NeedleSpec
     from upcycle.platform.checkpoint import CheckpointError
     from upcycle.platform.cluster import ensure_ray
     from upcycle.platform.data import DataError
 
-    _submit_if_remote(address)
-    ensure_ray()
-    spool = Path(tempfile.mkdtemp(prefix="upcycle-eval-"))
     try:
-        r = run(
+        spec = None
+        if needle:
+            spec = NeedleSpec(
+                lengths=_numbers(lengths, int, "--lengths"),
+                depths=_numbers(depths, float, "--depths"),
+                trials=trials,
+                dual_chunk_length=dual_chunk_length,
+            )
+        _submit_if_remote(address)
+        ensure_ray()
+        spool = Path(tempfile.mkdtemp(prefix="upcycle-eval-"))
+        r, found = run(
             checkpoint, data, spool_dir=spool, seq_length=seq_length, max_windows=max_windows,
-            run_name=run_name,
+            needle=spec, run_name=run_name,
         )  # fmt: skip
     except (ConfigError, CheckpointError, DataError) as e:
         _fail(str(e))
@@ -333,6 +401,19 @@ def evaluate(
         f"{r.model}: held-out loss {r.loss:.4f}, perplexity {r.perplexity:,.2f} over "
         f"{r.tokens:,} tokens ({r.data})"
     )
+    if found:
+        table = Table("length", *(f"depth {d:g}" for d in spec.depths), title="needle retrieval")
+        for length, row in zip(spec.lengths, found.accuracy(), strict=True):
+            table.add_row(str(length), *(f"{v:.2f}" for v in row))
+        console.print(table)
+        console.print(f"needle accuracy {found.metrics()['niah_accuracy']:.3f}")
+
+
+def _numbers(text: str, kind, option: str) -> tuple:
+    try:
+        return tuple(kind(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: comma-separated numbers", param_hint=option) from None
 
 
 @app.command()
@@ -341,14 +422,20 @@ def pipeline(
     workers: int = typer.Option(2, min=2, help="Ray Train workers (the MoE uses ep=2)"),
     dense_steps: int = typer.Option(100, min=1, help="pretraining steps of tiny-dense"),
     moe_steps: int = typer.Option(40, min=1, help="training steps after upcycling"),
+    sft_steps: int = typer.Option(30, min=1, help="SFT steps of the MoE"),
+    dpo_steps: int = typer.Option(16, min=1, help="DPO steps after SFT"),
     address: str = typer.Option(None, help=ADDRESS_HELP),
 ) -> None:
     """The main job: corpus -> pretrain tiny-dense -> upcycle to tiny-moe -> continue training
-    -> held-out perplexity of both -> serve the MoE and chat once -> the MLflow runs."""
+    -> SFT -> DPO -> perplexity of each, needle in a haystack (DCA) of the final model -> serve
+    it and chat once -> the MLflow runs."""
     from upcycle.jobs.pipeline import PipelineConfig, StageError, run
 
     _submit_if_remote(address)
-    config = PipelineConfig(out=out, workers=workers, dense_steps=dense_steps, moe_steps=moe_steps)
+    config = PipelineConfig(
+        out=out, workers=workers, dense_steps=dense_steps, moe_steps=moe_steps,
+        sft_steps=sft_steps, dpo_steps=dpo_steps,
+    )  # fmt: skip
     started = time.perf_counter()
     try:
         result = run(config, console)
@@ -358,6 +445,8 @@ def pipeline(
     console.print(
         f"pipeline done in {time.perf_counter() - started:.0f} s; held-out perplexity "
         f"dense {result.perplexity['dense']:,.1f} -> upcycled MoE {result.perplexity['moe']:,.1f}"
+        f" -> after SFT + DPO {result.perplexity['dpo']:,.1f}; needle accuracy "
+        f"{result.needle_accuracy:.2f}"
     )
 
 

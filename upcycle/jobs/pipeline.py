@@ -4,8 +4,10 @@
     -> pretrain tiny-dense (Ray Train, data parallel)
     -> upcycle it to tiny-moe (qwen2 method, a Ray task)
     -> continue training the MoE (Ray Train, expert parallel)
-    -> held-out perplexity of both (Ray tasks, MLflow runs)
-    -> serve the MoE (Ray Serve) and answer one chat completion over HTTP
+    -> SFT, then DPO, of the MoE on chat data made from the stdlib's docstrings (Ray Train, EP)
+    -> held-out perplexity of each model; needle-in-a-haystack of the final one past its
+       trained length with Dual Chunk Attention (Ray tasks, MLflow runs)
+    -> serve the final model (Ray Serve) and answer one chat completion over HTTP
     -> list the MLflow runs and the `mlflow ui` command to view them
 
 Every stage reuses what an earlier run of the pipeline already finished (verified data and
@@ -43,7 +45,12 @@ class PipelineConfig:
     seq_length: int = 128
     dense_steps: int = 100
     moe_steps: int = 40
+    sft_steps: int = 30
+    dpo_steps: int = 16
+    dpo_pairs: int = 32  # 4 passes over them in 16 steps of 8 pairs: the margin visibly grows
     lr: float = 3e-3
+    post_lr: float = 1e-3  # SFT and DPO
+    needle_lengths: tuple[int, ...] = (128, 256, 512)  # trained at seq_length: DCA beyond
     prompt: str = "Write a Python function that reverses a string."
     tracking_uri: str = ""
 
@@ -52,7 +59,10 @@ class PipelineConfig:
 class PipelineResult:
     dense_checkpoint: Path | None = None
     moe_checkpoint: Path | None = None
+    sft_checkpoint: Path | None = None
+    dpo_checkpoint: Path | None = None
     perplexity: dict[str, float] = dataclasses.field(default_factory=dict)
+    needle_accuracy: float = 0.0
     reply: str = ""
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -93,6 +103,8 @@ def run(cfg: PipelineConfig, console: Console) -> PipelineResult:
             cfg, "pipeline-dense", "tiny-dense", train_data, Layout(), cfg.dense_steps, None
         )
 
+    chat = out / "data" / "chat"
+
     upcycled = out / "upcycled"
 
     def upcycle() -> None:
@@ -112,28 +124,66 @@ def run(cfg: PipelineConfig, console: Console) -> PipelineResult:
             cfg, "pipeline-moe", "tiny-moe", train_data, Layout(ep=2), cfg.moe_steps, upcycled
         )
 
+    def sft() -> None:
+        from upcycle.jobs import chat_demo
+
+        if not _valid(chat):
+            sft_data, dpo_data = chat_demo.write(chat, dpo_pairs=cfg.dpo_pairs)
+            console.print(
+                f"{chat}: {len(sft_data.read_text().splitlines())} docstring chats, "
+                f"{len(dpo_data.read_text().splitlines())} preference pairs"
+            )
+        result.sft_checkpoint = _train(
+            cfg, "pipeline-sft", "tiny-moe", chat / "sft.jsonl", Layout(ep=2), cfg.sft_steps,
+            result.moe_checkpoint, objective="sft",
+        )  # fmt: skip
+
+    def dpo() -> None:
+        result.dpo_checkpoint = _train(
+            cfg, "pipeline-dpo", "tiny-moe", chat / "dpo.jsonl", Layout(ep=2), cfg.dpo_steps,
+            result.sft_checkpoint, objective="dpo",
+        )  # fmt: skip
+
     def evaluate() -> None:
         from upcycle.jobs.evaluate import run as evaluate_run
+        from upcycle.jobs.needle import NeedleSpec
 
-        for label, ckpt in (("dense", result.dense_checkpoint), ("moe", result.moe_checkpoint)):
-            ppl = evaluate_run(
+        models = (("dense", result.dense_checkpoint), ("moe", result.moe_checkpoint),
+                  ("dpo", result.dpo_checkpoint))  # fmt: skip
+        for label, ckpt in models:
+            needle = None
+            if label == "dpo":
+                needle = NeedleSpec(
+                    lengths=cfg.needle_lengths, depths=(0.0, 0.5, 1.0), trials=1,
+                    dual_chunk_length=cfg.seq_length,
+                )  # fmt: skip
+            ppl, found = evaluate_run(
                 ckpt, heldout, spool_dir=out / "eval" / label, seq_length=cfg.seq_length,
-                run_name=f"pipeline-eval-{label}", tracking_uri=cfg.tracking_uri,
+                needle=needle, run_name=f"pipeline-eval-{label}", tracking_uri=cfg.tracking_uri,
             )  # fmt: skip
             result.perplexity[label] = ppl.perplexity
             console.print(
-                f"{ppl.model}: held-out loss {ppl.loss:.3f}, perplexity {ppl.perplexity:,.1f} "
-                f"({ppl.tokens:,} tokens)"
+                f"{label} ({ppl.model}): held-out loss {ppl.loss:.3f}, perplexity "
+                f"{ppl.perplexity:,.1f} ({ppl.tokens:,} tokens)"
             )
+            if found:
+                result.needle_accuracy = found.metrics()["niah_accuracy"]
+                console.print(
+                    f"needle in a haystack, lengths {cfg.needle_lengths} x depths 0/0.5/1 with "
+                    f"Dual Chunk Attention (trained at {cfg.seq_length}): accuracy "
+                    f"{result.needle_accuracy:.2f} (heatmap logged to MLflow)"
+                )
 
     def serve_and_chat() -> None:
-        result.reply = _serve_and_chat(result.moe_checkpoint, cfg.prompt, console)
+        result.reply = _serve_and_chat(result.dpo_checkpoint, cfg.prompt, console)
 
     stage("prepare data", prepare_data)
     stage("pretrain tiny-dense", pretrain)
     stage("upcycle to tiny-moe", upcycle)
     stage("continue training tiny-moe", train_moe)
-    stage("held-out perplexity", evaluate)
+    stage("SFT tiny-moe", sft)
+    stage("DPO tiny-moe", dpo)
+    stage("evaluate: perplexity, needle in a haystack", evaluate)
     stage("serve and chat", serve_and_chat)
     _print_runs(cfg.tracking_uri, console)
     return result
@@ -155,6 +205,7 @@ def _train(
     layout: Layout,
     steps: int,
     init_from: Path | None,
+    objective: str = "pretrain",
 ) -> Path:
     """Train (or resume) one stage's job on Ray Train; its newest valid checkpoint."""
     from upcycle.platform.ray_train import fit
@@ -166,8 +217,14 @@ def _train(
         data=str(data),
         layout=dataclasses.replace(layout, micro_batch_size=2, global_batch_size=8),
         train=TrainConfig(
-            steps=steps, seq_length=cfg.seq_length, lr=cfg.lr, warmup_steps=4, save_interval=steps
+            steps=steps,
+            seq_length=cfg.seq_length,
+            save_interval=steps,
+            lr=cfg.lr if objective == "pretrain" else cfg.post_lr,
+            min_lr=min(3e-5, cfg.post_lr),
+            warmup_steps=4 if objective == "pretrain" else 2,
         ),  # fmt: skip
+        objective=objective,
         init_from=str(init_from) if init_from else None,
         name=name,
         tracking_uri=cfg.tracking_uri,
@@ -228,12 +285,17 @@ def _print_runs(tracking_uri: str, console: Console) -> None:
         [experiment.experiment_id], "tags.mlflow.runName LIKE 'pipeline-%'", max_results=20
     )
     table = Table(title=f"MLflow runs ({tracking_uri})")
-    for col in ("run", "id", "status", "loss", "perplexity"):
+    for col in ("run", "id", "status", "loss", "perplexity", "more"):
         table.add_column(col)
     for r in sorted(runs, key=lambda r: r.info.start_time):
         m = r.data.metrics
         loss = f"{m['loss']:.3f}" if "loss" in m else "-"
         ppl = f"{m['perplexity']:,.1f}" if "perplexity" in m else "-"
-        table.add_row(r.info.run_name, r.info.run_id[:8], r.info.status, loss, ppl)
+        more = ""
+        if "rewards/margin" in m:
+            more = f"margin {m['rewards/margin']:.3f}, accuracy {m['rewards/accuracy']:.2f}"
+        elif "niah_accuracy" in m:
+            more = f"needle accuracy {m['niah_accuracy']:.2f}"
+        table.add_row(r.info.run_name, r.info.run_id[:8], r.info.status, loss, ppl, more)
     console.print(table)
     console.print(f"view them: mlflow ui --backend-store-uri {tracking_uri}")

@@ -58,6 +58,8 @@ from upcycle.platform.plots import expert_load_heatmap
 from upcycle.platform.step import build_chunks, build_optimizer, param_dtype
 from upcycle.platform.tracking import RunTracker
 
+OBJECTIVES = ("pretrain", "sft", "dpo")  # upcycle.platform.objectives
+
 
 @dataclass(frozen=True)
 class TrainJob:
@@ -183,9 +185,6 @@ class LocalSink:
     def save(self, step: int, metrics: dict, write: Callable[[Path], None]) -> None:
         with atomic_directory(self.root / f"step_{step:07d}") as tmp:
             write(tmp)
-
-
-OBJECTIVES = ("pretrain", "sft", "dpo")
 
 
 def _data_params(samples: Samples) -> dict:

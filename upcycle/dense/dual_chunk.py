@@ -62,11 +62,51 @@ class DualChunk:
     ) -> torch.Tensor:
         """Causal DCA of queries [B, heads, Q, d] (rotated three ways, as `query_positions`)
         over keys/values [B, kv_heads, K, d] (rotated at `key_positions`, keys at absolute
-        positions 0..K-1); `q_pos` [B, Q] are the queries' absolute positions."""
+        positions 0..K-1); `q_pos` [B, Q] are the queries' absolute positions.
+
+        Decode steps (Q == 1) score every key with all three query rotations and select (3x a
+        small product, no Python loop); steps with prefill rows take each sequence's queries
+        chunk by chunk and score each key range with the one rotation it needs (1x)."""
         heads, kv_heads = queries[0].shape[1], keys.shape[1]
         if heads != kv_heads:  # GQA
             keys = keys.repeat_interleave(heads // kv_heads, dim=1)
             values = values.repeat_interleave(heads // kv_heads, dim=1)
+        if q_pos.shape[1] == 1:
+            return self._attend_selecting(queries, keys, values, q_pos, scale)
+        out = torch.zeros_like(queries[0])
+        chunks = q_pos // self.chunk_len
+        for b in range(q_pos.shape[0]):
+            for chunk in chunks[b].unique().tolist():
+                rows = (chunks[b] == chunk).nonzero()[:, 0]
+                out[b, :, rows] = self._attend_chunk(
+                    [q[b, :, rows] for q in queries], keys[b], values[b], q_pos[b, rows], chunk,
+                    scale,
+                ).to(out.dtype)  # fmt: skip
+        return out
+
+    def _attend_chunk(self, queries, keys, values, q_pos, chunk: int, scale: float):
+        """Queries [heads, n, d] of one sequence, all in chunk `chunk`, over its keys."""
+        intra, successive, inter = (q.float() for q in queries)
+        start = chunk * self.chunk_len  # first key of the query chunk
+        previous = max(0, start - self.chunk_len)  # first key of the chunk before it
+        end = int(q_pos.max()) + 1  # causal: no key past the last query
+        k = keys[:, :end].float()
+        scores = (
+            torch.cat(
+                [
+                    inter @ k[:, :previous].transpose(-1, -2),
+                    successive @ k[:, previous:start].transpose(-1, -2),
+                    intra @ k[:, start:end].transpose(-1, -2),
+                ],
+                dim=-1,
+            )
+            * scale
+        )
+        future = torch.arange(end, device=keys.device)[None, :] > q_pos[:, None]
+        scores = scores.masked_fill(future, float("-inf"))
+        return scores.softmax(-1) @ values[:, :end].float()
+
+    def _attend_selecting(self, queries, keys, values, q_pos, scale: float) -> torch.Tensor:
         k_pos = torch.arange(keys.shape[2], device=keys.device)
         q_chunk = (q_pos // self.chunk_len)[:, None, :, None]  # [B, 1, Q, 1]
         k_chunk = (k_pos // self.chunk_len)[None, None, None, :]  # [1, 1, 1, K]

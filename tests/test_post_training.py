@@ -265,3 +265,31 @@ def test_sft_and_dpo_commands_check_the_spec_before_any_worker(tmp_path):
     result = CliRunner().invoke(app, ["sft", str(spec)])
     assert result.exit_code == 2
     assert "bad.jsonl:1: no assistant message" in " ".join(result.output.split())
+
+
+@pytest.mark.slow
+def test_dpo_on_two_pipeline_stages_equals_one_process(ray_cluster, tmp_path):
+    """The frozen reference runs forward-only through the same pipeline schedule (MoE: its
+    router losses stay out of the policy's)."""
+    cfg = from_name("tiny-moe")
+    for name, seed in (("policy", 1), ("reference", 2)):
+        with single_process(seed=seed):
+            save_checkpoint(build_model(cfg), cfg, tmp_path / name)
+    job = _dpo_job(
+        tmp_path,
+        write_dpo(tmp_path / "dpo.jsonl"),
+        model=cfg,
+        layout=Layout(micro_batch_size=2, global_batch_size=4),
+        train=TrainConfig(steps=3, seq_length=48, lr=1e-3, warmup_steps=0),
+        dpo=DpoConfig(beta=0.5, reference=str(tmp_path / "reference")),
+    )
+    want = run_locally(job, tmp_path / "reference-run")
+    parallel = dataclasses.replace(
+        job, name="dpo-pp2", layout=Layout(pp=2, micro_batch_size=2, global_batch_size=4),
+        tracking_dir="",
+    )  # fmt: skip
+    assert fit(parallel, num_workers=2, storage_path=tmp_path).error is None
+    got = spooled_metrics(tmp_path / "dpo-pp2" / "tracking")
+    for step in (1, 2, 3):
+        for key in ("dpo_loss", "rewards/margin", "grad_norm", "aux_loss"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)

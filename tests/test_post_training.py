@@ -74,6 +74,24 @@ def test_packed_conversations_do_not_see_each_other(tmp_path):
     assert (unmasked[last] - packed[last]).abs().max() > 1e-3
 
 
+def test_unpacked_rows_hold_one_conversation_each(tmp_path):
+    """sft.pack: false (what Transformer Engine's attention can run): one conversation per row,
+    plain causal attention, same loss mask."""
+    path = write_sft(tmp_path / "sft.jsonl")
+    unpacked = PackedConversations(path, seq_length=128, seed=0, pack=False)
+    packed = PackedConversations(path, seq_length=128, seed=0)
+    assert len(unpacked) == unpacked.num_examples == 16 > len(packed)
+    batch = unpacked.batch([0, 1])
+    assert batch.segments is None and batch.attention_mask is None
+    assert [len(r) for r in unpacked.rows[:2]] == [1, 1]
+    learned = int(batch.loss_mask.sum())
+    first, second = (unpacked.rows[i][0][1] for i in (0, 1))  # the conversations' masks
+    assert learned == sum(first[1:]) + sum(second[1:])  # labels that are assistant tokens
+    spec = {"model": "tiny-dense", "data": str(path), "objective": "sft", "sft": {"pack": False}}
+    job = TrainJob.from_dict(spec)
+    assert job.samples().pack is False
+
+
 def test_sft_loss_is_the_mean_over_assistant_tokens(tmp_path):
     samples = PackedConversations(write_sft(tmp_path / "sft.jsonl"), seq_length=128, seed=0)
     batch = samples.batch([0, 1])

@@ -403,6 +403,19 @@ class LongContext:
 
 
 @dataclass(frozen=True)
+class SftConfig:
+    """Supervised fine-tuning: `pack` fills each row with several conversations (kept apart by
+    an attention mask); false gives each conversation a row of its own (plain causal attention,
+    which Transformer Engine's fused attention also runs)."""
+
+    pack: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SftConfig:
+        return _dataclass_from_dict(cls, data, "sft")
+
+
+@dataclass(frozen=True)
 class DpoConfig:
     """Direct Preference Optimization: `beta` scales the implicit reward
     beta * (log pi(y|x) - log pi_ref(y|x)); the frozen reference is `reference` (our

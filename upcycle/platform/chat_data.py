@@ -5,6 +5,7 @@ SFT, one conversation per line: {"messages": [{"role": "user", "content": "..."}
 (`Tokenizer.chat_tokens`). Conversations are packed, in an order shuffled by the seed, into rows
 of `seq_length` tokens; each token carries its conversation's segment id, so attention stays
 inside the conversation and positions restart at 0 (`Batch.attention_mask`, `Batch.positions`).
+Unpacked (`sft.pack: false`), each conversation has a row of its own, padded.
 
 DPO, one pair per line: {"prompt": "..." or [messages], "chosen": "...", "rejected": "..."}.
 A sample is one pair; it becomes two rows (prompt + chosen, prompt + rejected), and a micro-batch
@@ -65,10 +66,11 @@ def _chat(messages: list, where: str) -> tuple[list[int], list[bool]]:
 
 
 class PackedConversations:
-    """SFT samples: rows of `seq_length` tokens packed with whole conversations."""
+    """SFT samples: rows of `seq_length` tokens packed with whole conversations (or, with
+    `pack=False`, one conversation per row)."""
 
-    def __init__(self, path: Path, seq_length: int, seed: int):
-        self.path, self.seq_length = Path(path), seq_length
+    def __init__(self, path: Path, seq_length: int, seed: int, *, pack: bool = True):
+        self.path, self.seq_length, self.pack = Path(path), seq_length, pack
         examples = []
         self.truncated = 0
         for number, record in read_jsonl(path):
@@ -87,7 +89,7 @@ class PackedConversations:
         used = 0
         for i in order:
             ids, mask = examples[i]
-            if used + len(ids) > seq_length:
+            if used + len(ids) > seq_length or (used and not pack):
                 self.rows.append([])
                 used = 0
             self.rows[-1].append((ids, mask))
@@ -113,7 +115,12 @@ class PackedConversations:
                 loss_mask[r, at : at + k - 1] = torch.tensor(mask[1:], dtype=torch.float)
                 segments[r, at : at + k] = seg
                 at += k
-        return Batch(tokens=tokens, labels=labels, loss_mask=loss_mask, segments=segments)
+        return Batch(
+            tokens=tokens,
+            labels=labels,
+            loss_mask=loss_mask,
+            segments=segments if self.pack else None,  # one conversation: plain causal
+        )
 
     def too_few(self, needed: int) -> str:
         return (

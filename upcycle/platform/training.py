@@ -37,6 +37,7 @@ from upcycle.config import (
     Layout,
     LongContext,
     ModelConfig,
+    SftConfig,
     TrainConfig,
     from_name,
 )
@@ -70,6 +71,7 @@ class TrainJob:
     layout: Layout = Layout()
     train: TrainConfig = TrainConfig()
     objective: str = "pretrain"  # pretrain | sft | dpo
+    sft: SftConfig = SftConfig()
     dpo: DpoConfig = DpoConfig()
     long_context: LongContext | None = None  # applied to `model` when the job is read
     init_from: str | None = None  # our checkpoint to start from (weights only; any layout)
@@ -101,12 +103,16 @@ class TrainJob:
         model = from_name(model) if isinstance(model, str) else ModelConfig.from_dict(model)
         layout = Layout.from_dict(d.pop("layout", None) or {})
         train = TrainConfig.from_dict(d.pop("train", None) or {})
+        sft = SftConfig.from_dict(d.pop("sft", None) or {})
         dpo = DpoConfig.from_dict(d.pop("dpo", None) or {})
         long_context = d.pop("long_context", None)
         if long_context is not None:
             long_context = LongContext.from_dict(long_context)
             model = long_context.apply(model)
-        return cls(model=model, layout=layout, train=train, dpo=dpo, long_context=long_context, **d)
+        return cls(
+            model=model, layout=layout, train=train, sft=sft, dpo=dpo,
+            long_context=long_context, **d,
+        )  # fmt: skip
 
     def validate(self, world_size: int, *, on_this_machine: bool = True) -> Layout:
         """Check the job against a world size before any worker starts; the resolved layout.
@@ -140,12 +146,12 @@ class TrainJob:
             runtime.require_te(f"train.fp8={self.train.fp8!r}")
         if self.train.dtype == "bf16" and not runtime.has_cuda():
             raise ConfigError("train.dtype", "bf16 training needs a CUDA device; use fp32 or auto")
-        if self.objective == "sft" and runtime.te_available():
+        if self.objective == "sft" and self.sft.pack and runtime.te_available():
             # TE's fused attention takes packed sequences as THD + cu_seqlens, not a mask
             raise ConfigError(
-                "objective",
-                "SFT packing uses an attention mask, which Transformer Engine's attention does "
-                "not read; run SFT where TE is not installed (megatron-core's local attention)",
+                "sft.pack",
+                "packing keeps conversations apart with an attention mask, which Transformer "
+                "Engine's attention does not read; set sft.pack: false (a row per conversation)",
             )
         self.samples()  # the data exists, verifies and parses
         return layout
@@ -154,7 +160,7 @@ class TrainJob:
         """What this job reads: token windows, packed conversations or preference pairs."""
         t = self.train
         if self.objective == "sft":
-            return PackedConversations(Path(self.data), t.seq_length, t.seed)
+            return PackedConversations(Path(self.data), t.seq_length, t.seed, pack=self.sft.pack)
         if self.objective == "dpo":
             return PreferencePairs(Path(self.data), t.seq_length)
         return TokenWindows(TokenDataset(Path(self.data)), t.seq_length)
@@ -227,6 +233,7 @@ class _RunLog:
                 **_data_params(samples),
                 "init_from": job.init_from or "",
                 "objective": job.objective,
+                **({"sft.pack": job.sft.pack} if job.objective == "sft" else {}),
                 **(
                     {"dpo.beta": job.dpo.beta, "dpo.reference": job.reference}
                     if job.objective == "dpo"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from upcycle.platform.job import TrainJob
 from upcycle.platform.plan import GIB, Workload, memory
-from upcycle.platform.training import TrainJob
 
 MANIFEST = Path(__file__).parents[1] / "examples" / "kuberay" / "rayjob-train.yaml"
 

@@ -21,18 +21,18 @@ from upcycle.platform.checkpoint import save_checkpoint
 from upcycle.platform.data import DataError
 from upcycle.platform.distributed import single_process
 from upcycle.platform.hf_interop import transformers_twin
+from upcycle.platform.job import TrainJob
 from upcycle.platform.objectives import lm_step
 from upcycle.platform.ray_train import fit
 from upcycle.platform.tracking import spooled_metrics
-from upcycle.platform.training import TrainJob
 
 CFG = from_name("tiny-dense")
 
 
-def _checkpoint(path, seed: int):
+def _checkpoint(path, seed: int, cfg=CFG):
     with single_process(seed=seed):
-        model = build_model(CFG)
-        save_checkpoint(model, CFG, path)
+        model = build_model(cfg)
+        save_checkpoint(model, cfg, path)
     return model
 
 
@@ -242,8 +242,7 @@ def test_long_context_continued_pretraining_changes_the_rope_base(tmp_path, corp
     from upcycle.platform.checkpoint import read_model_config
 
     short = CFG.replace(name="short", max_position_embeddings=64, rope_theta=1e4)
-    with single_process(seed=4):
-        save_checkpoint(build_model(short), short, tmp_path / "init")
+    _checkpoint(tmp_path / "init", seed=4, cfg=short)
     spec = {
         "model": short.to_dict(),
         "data": str(corpus),
@@ -290,9 +289,8 @@ def test_dpo_on_two_pipeline_stages_equals_one_process(ray_cluster, tmp_path):
     """The frozen reference runs forward-only through the same pipeline schedule (MoE: its
     router losses stay out of the policy's)."""
     cfg = from_name("tiny-moe")
-    for name, seed in (("policy", 1), ("reference", 2)):
-        with single_process(seed=seed):
-            save_checkpoint(build_model(cfg), cfg, tmp_path / name)
+    _checkpoint(tmp_path / "policy", seed=1, cfg=cfg)
+    _checkpoint(tmp_path / "reference", seed=2, cfg=cfg)
     job = _dpo_job(
         tmp_path,
         write_dpo(tmp_path / "dpo.jsonl"),

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from upcycle.config import ConfigError, Layout, TrainConfig, from_name
 from upcycle.jobs.cli import app
+from upcycle.platform.job import TrainJob
 from upcycle.platform.ray_train import fit
-from upcycle.platform.training import TrainJob
 from upcycle.runtime import MissingDependencyError
 
 

@@ -211,9 +211,9 @@ def _run_training(spec, objective, workers, storage, max_failures, address) -> N
 
     from upcycle.platform.cluster import ensure_ray
     from upcycle.platform.data import DataError
+    from upcycle.platform.job import TrainJob
     from upcycle.platform.ray_train import fit
     from upcycle.platform.tracking import default_tracking_uri
-    from upcycle.platform.training import TrainJob
 
     try:
         data = yaml.safe_load(spec.read_text()) or {}

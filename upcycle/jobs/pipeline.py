@@ -208,8 +208,8 @@ def _train(
     objective: str = "pretrain",
 ) -> Path:
     """Train (or resume) one stage's job on Ray Train; its newest valid checkpoint."""
+    from upcycle.platform.job import TrainJob
     from upcycle.platform.ray_train import fit
-    from upcycle.platform.training import TrainJob
 
     storage = Path(cfg.out).absolute() / "train"
     job = TrainJob(

@@ -32,8 +32,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from upcycle import runtime
 from upcycle.platform.checkpoint import newest_valid
+from upcycle.platform.job import TrainJob
 from upcycle.platform.tracking import CHECKPOINTS_TAG, default_tracking_uri
-from upcycle.platform.training import TrainJob, train
+from upcycle.platform.training import train
 
 CHECKPOINT_PREFIX = "step_"
 

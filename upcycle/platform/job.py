@@ -1,0 +1,135 @@
+"""A training job: what it trains (model, objective, data), how (layout, schedule), from what
+checkpoint and where it is tracked; plain data that travels to Ray workers as a dict, and checked
+against a world size before any worker starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from upcycle import runtime
+from upcycle.config import (
+    ConfigError,
+    DpoConfig,
+    Layout,
+    LongContext,
+    ModelConfig,
+    SftConfig,
+    TrainConfig,
+    from_name,
+)
+from upcycle.platform.chat_data import PackedConversations, PreferencePairs
+from upcycle.platform.data import Samples, TokenDataset, TokenWindows
+
+OBJECTIVES = ("pretrain", "sft", "dpo")  # upcycle.platform.objectives
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a training run needs; plain data, so it travels to Ray workers as a dict."""
+
+    model: ModelConfig
+    data: str  # pretrain: a folder written by `upcycle data prepare`; sft, dpo: a JSONL file
+    layout: Layout = Layout()
+    train: TrainConfig = TrainConfig()
+    objective: str = "pretrain"  # pretrain | sft | dpo
+    sft: SftConfig = SftConfig()
+    dpo: DpoConfig = DpoConfig()
+    long_context: LongContext | None = None  # applied to `model` when the job is read
+    init_from: str | None = None  # our checkpoint to start from (weights only; any layout)
+    resume_from: str | None = None  # a training checkpoint to continue (weights, optimizer, step)
+    name: str = "train"
+    experiment: str = "upcycle"
+    tracking_uri: str = ""
+    tracking_dir: str = ""  # the run's MLflow spool (upcycle.platform.tracking)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainJob:
+        if not isinstance(d, dict):
+            raise ConfigError("job", f"must be a mapping, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown field; valid fields: {sorted(names)}")
+        for required in ("model", "data"):
+            if required not in d:
+                raise ConfigError(required, "missing; it has no default")
+        d = dict(d)
+        model = d.pop("model")
+        model = from_name(model) if isinstance(model, str) else ModelConfig.from_dict(model)
+        layout = Layout.from_dict(d.pop("layout", None) or {})
+        train = TrainConfig.from_dict(d.pop("train", None) or {})
+        sft = SftConfig.from_dict(d.pop("sft", None) or {})
+        dpo = DpoConfig.from_dict(d.pop("dpo", None) or {})
+        long_context = d.pop("long_context", None)
+        if long_context is not None:
+            long_context = LongContext.from_dict(long_context)
+            model = long_context.apply(model)
+        return cls(
+            model=model, layout=layout, train=train, sft=sft, dpo=dpo,
+            long_context=long_context, **d,
+        )  # fmt: skip
+
+    def validate(self, world_size: int, *, on_this_machine: bool = True) -> Layout:
+        """Check the job against a world size before any worker starts; the resolved layout.
+
+        `on_this_machine=False` checks only what does not depend on this machine (a spec meant
+        for a GPU cluster: no data folder here, no CUDA)."""
+        if self.objective not in OBJECTIVES:
+            raise ConfigError("objective", f"{self.objective!r}; allowed: {OBJECTIVES}")
+        if self.objective == "dpo" and not (self.dpo.reference or self.init_from):
+            raise ConfigError(
+                "init_from",
+                "DPO starts from a trained (SFT) checkpoint, which is also its frozen reference: "
+                "set init_from (or dpo.reference)",
+            )
+        layout = self.layout.resolve(world_size)
+        layout.check_model(self.model)
+        if self.train.seq_length > self.model.max_position_embeddings:
+            raise ConfigError(
+                "train.seq_length",
+                f"{self.train.seq_length} exceeds the model's max_position_embeddings "
+                f"({self.model.max_position_embeddings})",
+            )
+        if self.train.warmup_steps >= self.train.steps:
+            raise ConfigError(
+                "train.warmup_steps",
+                f"{self.train.warmup_steps} must be below train.steps ({self.train.steps})",
+            )
+        if not on_this_machine:
+            return layout
+        if self.train.fp8:
+            runtime.require_te(f"train.fp8={self.train.fp8!r}")
+        if self.train.dtype == "bf16" and not runtime.has_cuda():
+            raise ConfigError("train.dtype", "bf16 training needs a CUDA device; use fp32 or auto")
+        if self.objective == "sft" and self.sft.pack and runtime.te_available():
+            # TE's fused attention takes packed sequences as THD + cu_seqlens, not a mask
+            raise ConfigError(
+                "sft.pack",
+                "packing keeps conversations apart with an attention mask, which Transformer "
+                "Engine's attention does not read; set sft.pack: false (a row per conversation)",
+            )
+        self.samples()  # the data exists, verifies and parses
+        return layout
+
+    def samples(self) -> Samples:
+        """What this job reads: token windows, packed conversations or preference pairs."""
+        t = self.train
+        if self.objective == "sft":
+            return PackedConversations(Path(self.data), t.seq_length, t.seed, pack=self.sft.pack)
+        if self.objective == "dpo":
+            return PreferencePairs(Path(self.data), t.seq_length)
+        return TokenWindows(TokenDataset(Path(self.data)), t.seq_length)
+
+    @property
+    def reference(self) -> str | None:
+        """DPO's frozen reference checkpoint."""
+        return self.dpo.reference or self.init_from

@@ -3,9 +3,9 @@
 One loop for every objective (upcycle.platform.objectives): pretraining on token shards, SFT on
 packed ChatML conversations, DPO on preference pairs against a frozen reference model.
 
-`train(job, sink)` (the job: upcycle.platform.job.TrainJob) is the same code in a Ray Train worker (`upcycle.platform.ray_train`, where the
-sink reports checkpoints to Ray) and in one plain process (`LocalSink`, for single-process
-reference runs and debugging). Per step: megatron-core's forward-backward schedule (1F1B, or
+`train(job, sink)` (a `upcycle.platform.job.TrainJob`) is the same code in a Ray Train worker
+(`upcycle.platform.ray_train`, where the sink reports checkpoints to Ray) and in one plain process
+(`LocalSink`, for single-process reference runs and debugging). Per step: megatron-core's forward-backward schedule (1F1B, or
 interleaved when vpp > 1) over this rank's micro-batches, gradient reduction and clipping, an
 optimizer step, warmup + cosine LR; metrics are reduced to every rank and rank 0 logs them.
 """

@@ -109,19 +109,39 @@ def test_sft_loss_is_the_mean_over_assistant_tokens(tmp_path):
     )  # every packed conversation ends its assistant turn once
 
 
-def _dpo_job(tmp_path, data, **changes) -> TrainJob:
+def _job(tmp_path, objective: str, data, **changes) -> TrainJob:
+    """A single-process job of `objective` on `data`, from tmp_path/policy, tracked in tmp_path."""
     job = TrainJob(
         model=CFG,
         data=str(data),
-        objective="dpo",
+        objective=objective,
         layout=Layout(micro_batch_size=2, global_batch_size=8),
         train=TrainConfig(steps=1, seq_length=48, lr=1e-3, warmup_steps=0),
         init_from=str(tmp_path / "policy"),
-        name="dpo",
+        name=objective,
         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
         tracking_dir=str(tmp_path / "tracking"),
     )
     return dataclasses.replace(job, **changes)
+
+
+def _dpo_job(tmp_path, data, **changes) -> TrainJob:
+    return _job(tmp_path, "dpo", data, **changes)
+
+
+def _two_stages_equal_one_process(job: TrainJob, tmp_path, keys: tuple[str, ...]) -> dict:
+    """Run `job` in this process and with pp=2 on Ray Train; per step, `keys` agree (rel 1e-5)."""
+    want = run_locally(job, tmp_path / "reference-run")
+    parallel = dataclasses.replace(
+        job, name=f"{job.name}-pp2", tracking_dir="",
+        layout=dataclasses.replace(job.layout, pp=2),
+    )  # fmt: skip
+    assert fit(parallel, num_workers=2, storage_path=tmp_path).error is None
+    got = spooled_metrics(tmp_path / parallel.name / "tracking")
+    for step in range(1, job.train.steps + 1):
+        for key in keys:
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)
+    return want
 
 
 def _logp(model, prompt: list[int], response: list[int]) -> float:
@@ -190,7 +210,7 @@ def test_bad_post_training_input_names_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="init_from: DPO starts from"):
         _dpo_job(tmp_path, data, init_from=None).validate(1)
     with pytest.raises(ConfigError, match="objective: 'rlhf'"):
-        _dpo_job(tmp_path, data, objective="rlhf").validate(1)
+        _job(tmp_path, "rlhf", data).validate(1)
     with pytest.raises(ConfigError, match="dpo.beta"):
         TrainJob.from_dict({"model": "tiny-dense", "data": str(data), "dpo": {"beta": 0}})
     bad = tmp_path / "bad.jsonl"
@@ -210,29 +230,14 @@ def test_bad_post_training_input_names_the_fix(tmp_path):
 @pytest.mark.slow
 def test_sft_on_two_pipeline_stages_equals_one_process(ray_cluster, tmp_path):
     """The packing mask and restarted positions reach every pipeline stage."""
-    _checkpoint(tmp_path / "init", seed=3)
-    job = TrainJob(
-        model=CFG,
-        data=str(write_sft(tmp_path / "sft.jsonl", copies=8)),
-        objective="sft",
+    _checkpoint(tmp_path / "policy", seed=3)
+    job = _job(
+        tmp_path, "sft", write_sft(tmp_path / "sft.jsonl", copies=8),
         layout=Layout(micro_batch_size=2, global_batch_size=4),
         train=TrainConfig(steps=3, seq_length=64, lr=1e-3, warmup_steps=1),
-        init_from=str(tmp_path / "init"),
-        name="sft-reference",
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        tracking_dir=str(tmp_path / "reference-tracking"),
-    )
-    want = run_locally(job, tmp_path / "reference")
-    assert want[3]["lm_loss"] < want[1]["lm_loss"]
-    parallel = dataclasses.replace(
-        job, name="sft-pp2", layout=Layout(pp=2, micro_batch_size=2, global_batch_size=4),
-        tracking_dir="",
     )  # fmt: skip
-    assert fit(parallel, num_workers=2, storage_path=tmp_path).error is None
-    got = spooled_metrics(tmp_path / "sft-pp2" / "tracking")
-    for step in (1, 2, 3):
-        for key in ("lm_loss", "grad_norm"):
-            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)
+    want = _two_stages_equal_one_process(job, tmp_path, ("lm_loss", "grad_norm"))
+    assert want[3]["lm_loss"] < want[1]["lm_loss"]
 
 
 def test_long_context_continued_pretraining_changes_the_rope_base(tmp_path, corpus):
@@ -299,13 +304,5 @@ def test_dpo_on_two_pipeline_stages_equals_one_process(ray_cluster, tmp_path):
         train=TrainConfig(steps=3, seq_length=48, lr=1e-3, warmup_steps=0),
         dpo=DpoConfig(beta=0.5, reference=str(tmp_path / "reference")),
     )
-    want = run_locally(job, tmp_path / "reference-run")
-    parallel = dataclasses.replace(
-        job, name="dpo-pp2", layout=Layout(pp=2, micro_batch_size=2, global_batch_size=4),
-        tracking_dir="",
-    )  # fmt: skip
-    assert fit(parallel, num_workers=2, storage_path=tmp_path).error is None
-    got = spooled_metrics(tmp_path / "dpo-pp2" / "tracking")
-    for step in (1, 2, 3):
-        for key in ("dpo_loss", "rewards/margin", "grad_norm", "aux_loss"):
-            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)
+    keys = ("dpo_loss", "rewards/margin", "grad_norm", "aux_loss")
+    _two_stages_equal_one_process(job, tmp_path, keys)

@@ -41,13 +41,11 @@ def run(
     ckpt, data = Path(ckpt).absolute(), Path(data).absolute()
     if needle is not None:  # a grid the model cannot run fails before any task starts
         needle.runner_config().check(read_model_config(ckpt))
-    task = ray.remote(num_cpus=1, max_retries=0)(perplexity)
-    result: Perplexity = ray.get(
-        task.remote(ckpt, data, seq_length=seq_length, max_windows=max_windows)
-    )
-    found = None
-    if needle is not None:
-        found = ray.get(ray.remote(num_cpus=1, max_retries=0)(run_grid).remote(ckpt, data, needle))
+    task = ray.remote(num_cpus=1, max_retries=0)
+    ppl_ref = task(perplexity).remote(ckpt, data, seq_length=seq_length, max_windows=max_windows)
+    needle_ref = task(run_grid).remote(ckpt, data, needle) if needle is not None else None
+    result: Perplexity = ray.get(ppl_ref)  # both tasks run side by side
+    found = ray.get(needle_ref) if needle_ref is not None else None
     tracker = RunTracker(
         spool_dir,
         tracking_uri=tracking_uri or default_tracking_uri(),

@@ -1,7 +1,7 @@
 """Decode throughput and time to first token: upcycle's engine vs transformers' batched `generate`.
 
     .venv/bin/python bench/serve_throughput.py [--preset moe-bench|tiny-moe] [--streams 1 4 16]
-        [--prompt 64] [--tokens 64] [--repeats 3] [--threads 2]
+        [--prompt 64] [--tokens 64] [--repeats 5] [--threads 2] [--dtype bf16|fp32]
 
 Both run in this process on the same weights, prompts and thread count. For N streams, N
 requests of `--prompt` random tokens each ask for `--tokens` tokens at once: ours goes through
@@ -9,8 +9,9 @@ the continuous-batching `Engine` over the megatron-core model (KV cache slots, o
 step), transformers through one `generate` call on the batch of N (its KV cache, greedy, no
 early stop). Time to first token is, for ours, the median over requests of the time from
 submission to the first token; for transformers the time of `generate(max_new_tokens=1)` on the
-same batch (it cannot hand out tokens earlier). Printed: medians over `--repeats` runs, ratios
-ours/transformers, and ours at N streams over ours at 1 stream.
+same batch (it cannot hand out tokens earlier). `--dtype` is both sides' weights and KV cache
+(ours: `engine.dtype`; logits and sampling stay fp32). Printed: medians (TTFT also p90) over
+`--repeats` runs, ratios ours/transformers, and ours at N streams over ours at 1 stream.
 """
 
 from __future__ import annotations
@@ -72,10 +73,13 @@ def transformers_once(model, prompts: list[list[int]], tokens: int) -> tuple[flo
     return ttft, tokens * len(prompts) / generate(tokens)
 
 
-def median_pair(fn, repeats: int) -> tuple[float, float]:
-    fn()  # warm-up
+def summary(fn, repeats: int) -> tuple[float, float, float]:
+    """(TTFT p50, TTFT p90, tokens/s p50) over `repeats` runs after a warm-up run."""
+    fn()
     runs = [fn() for _ in range(repeats)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    ttft = sorted(r[0] for r in runs)
+    p90 = ttft[min(len(ttft) - 1, round(0.9 * (len(ttft) - 1)))]
+    return statistics.median(ttft), p90, statistics.median(r[1] for r in runs)
 
 
 def main() -> None:
@@ -84,9 +88,11 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     args = parser.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     torch.set_num_threads(args.threads)
     cfg = MOE_BENCH if args.preset == "moe-bench" else from_name(args.preset)
     context = args.prompt + args.tokens
@@ -94,10 +100,13 @@ def main() -> None:
         with single_process():
             model = build_model(cfg).eval()
             save_checkpoint(model, cfg, Path(tmp) / "ckpt")
-            theirs = transformers_twin(cfg, model, Path(tmp) / "hf")
+            theirs = transformers_twin(cfg, model, Path(tmp) / "hf").to(dtype)
             del model
         slots = max(args.streams)
-        rc = RunnerConfig(max_num_seqs=slots, max_model_len=context, max_step_tokens=4096)
+        rc = RunnerConfig(
+            max_num_seqs=slots, max_model_len=context, max_step_tokens=4096,
+            dtype="bfloat16" if args.dtype == "bf16" else "float32",
+        )  # fmt: skip
         engine = Engine(
             ModelRunner(Path(tmp) / "ckpt", rc).forward,
             max_num_seqs=slots,
@@ -111,22 +120,24 @@ def main() -> None:
         rows = []
         for n in args.streams:
             prompts = torch.randint(0, cfg.vocab_size, (n, args.prompt), generator=g).tolist()
-            ours = median_pair(lambda p=prompts: ours_once(engine, p, args.tokens), args.repeats)
-            hf = median_pair(
-                lambda p=prompts: transformers_once(theirs, p, args.tokens), args.repeats
-            )
+            ours = summary(lambda p=prompts: ours_once(engine, p, args.tokens), args.repeats)
+            hf = summary(lambda p=prompts: transformers_once(theirs, p, args.tokens), args.repeats)
             rows.append((n, ours, hf))
     print(
-        f"{cfg.name}: prompt {args.prompt} + {args.tokens} new tokens per stream, greedy, "
-        f"{args.threads} threads, medians of {args.repeats}"
+        f"{cfg.name} {args.dtype}: prompt {args.prompt} + {args.tokens} new tokens per stream, "
+        f"greedy, {args.threads} threads, medians of {args.repeats}"
     )
     print(f"{'streams':>7} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} "
-          f"{'ours TTFT ms':>13} {'hf TTFT ms':>11} {'vs 1 stream':>12}")  # fmt: skip
-    base = rows[0][1][1]
-    for n, (o_ttft, o_tps), (h_ttft, h_tps) in rows:
+          f"{'ours TTFT p50/p90 ms':>21} {'hf TTFT p50/p90 ms':>19} {'vs 1 stream':>12}")  # fmt: skip
+    base = rows[0][1][2]
+    for n, (o_ttft, o_p90, o_tps), (h_ttft, h_p90, h_tps) in rows:
+        ours_ttft, hf_ttft = (
+            f"{o_ttft * 1e3:.0f}/{o_p90 * 1e3:.0f}",
+            f"{h_ttft * 1e3:.0f}/{h_p90 * 1e3:.0f}",
+        )
         print(
             f"{n:>7} {o_tps:>11.0f} {h_tps:>9.0f} {o_tps / h_tps:>5.2f}x "
-            f"{o_ttft * 1e3:>13.0f} {h_ttft * 1e3:>11.0f} {o_tps / base:>11.2f}x"
+            f"{ours_ttft:>21} {hf_ttft:>19} {o_tps / base:>11.2f}x"
         )
 
 

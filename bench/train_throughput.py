@@ -1,14 +1,19 @@
 """Training-step tokens/s of our megatron-core stack vs transformers, on the same config and weights.
 
-    .venv/bin/python bench/train_throughput.py [--preset moe-bench|tiny-moe] [--steps 4]
+    .venv/bin/python bench/train_throughput.py [--preset moe-bench|tiny-moe] [--steps 5]
+        [--dtypes fp32 bf16]
 
-In one process, with the same batch and thread count:
+In one process, with the same batch and thread count, for each dtype:
 1. a training step (forward + backward + Adam) of ours (megatron-core GPTModel, DDP, megatron
-   optimizer, forward-backward schedule: what `upcycle train` runs per rank) and of transformers'
-   `Qwen2MoeForCausalLM` (+ torch AdamW) built from the same weights; medians and their ratio;
+   optimizer, forward-backward schedule: what `upcycle train` runs per rank; bf16 is megatron's
+   mixed precision: bf16 params and activations, fp32 main params, grads and Adam state) and of
+   transformers' `Qwen2MoeForCausalLM` (+ torch AdamW; in bf16 its params, grads and Adam state
+   are bf16) built from the same weights; medians and their ratio;
 2. the MoE layer (router + routed + shared experts) forward + backward vs a dense SwiGLU layer of
    the same active FLOPs (width top_k * expert width + shared width); the ratio;
-3. the achieved FLOP/s of both training steps vs a plain fp32 GEMM on this machine.
+3. the achieved FLOP/s of both training steps vs a plain GEMM of the same dtype on this machine.
+Each timed function runs twice before timing: oneDNN (bf16 matmul on CPU) compiles a kernel per
+new GEMM shape, which a long training run pays once.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from upcycle.platform.metrics import train_flops_per_token  # noqa: E402
 from upcycle.platform.objectives import lm_step  # noqa: E402
 from upcycle.platform.step import build_chunks, build_optimizer  # noqa: E402
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-def our_step(cfg, layout, batch: Batch):
-    tconfig = to_transformer_config(cfg, layout)
+
+def our_step(cfg, layout, batch: Batch, dtype=torch.float32):
+    tconfig = to_transformer_config(cfg, layout, params_dtype=dtype)
     tconfig.finalize_model_grads_func = finalize_model_grads
     chunks = build_chunks(cfg, layout, tconfig)
     optimizer = build_optimizer(chunks, TrainConfig(lr=1e-4, clip_grad=1.0), tconfig)
@@ -78,7 +85,7 @@ def their_step(model, batch: Batch):
     return step
 
 
-def layer_fwd_bwd(cfg, tokens: int, steps: int) -> tuple[float, float]:
+def layer_fwd_bwd(cfg, tokens: int, steps: int, dtype) -> tuple[float, float]:
     """Median seconds of the MoE layer and of a dense SwiGLU layer with its active FLOPs."""
     dense_width = cfg.moe_top_k * cfg.moe_ffn_hidden_size + cfg.shared_expert_ffn_hidden_size
     dense = cfg.replace(
@@ -87,8 +94,8 @@ def layer_fwd_bwd(cfg, tokens: int, steps: int) -> tuple[float, float]:
     )  # fmt: skip
     timings = []
     for c in (cfg.replace(num_layers=1), dense.replace(num_layers=1)):
-        mlp = build_model(c).decoder.layers[0].mlp
-        x = torch.randn(tokens, 1, c.hidden_size, requires_grad=True)
+        mlp = build_model(c, to_transformer_config(c, params_dtype=dtype)).decoder.layers[0].mlp
+        x = torch.randn(tokens, 1, c.hidden_size, dtype=dtype, requires_grad=True)
 
         def fwd_bwd(mlp=mlp, x=x):
             out, _bias = mlp(x)
@@ -98,9 +105,14 @@ def layer_fwd_bwd(cfg, tokens: int, steps: int) -> tuple[float, float]:
     return timings[0], timings[1]
 
 
-def gemm_flops(m: int, k: int, n: int, steps: int) -> float:
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def gemm_flops(m: int, k: int, n: int, steps: int, dtype) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     return 2 * m * k * n / median_seconds(lambda: a @ b, steps)
+
+
+def warm(fn):
+    fn()  # median_seconds runs one more before timing
+    return fn
 
 
 def main() -> None:
@@ -108,8 +120,9 @@ def main() -> None:
     parser.add_argument("--preset", default="moe-bench")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=DTYPES)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = MOE_BENCH if args.preset == "moe-bench" else from_name(args.preset)
@@ -117,29 +130,45 @@ def main() -> None:
     window = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
     batch = Batch(tokens=window[:, :-1].contiguous(), labels=window[:, 1:].contiguous())
     n = batch.tokens.numel()
-    with single_process() as layout, tempfile.TemporaryDirectory() as tmp:
-        model, ours = our_step(cfg, layout, batch)
-        theirs = their_step(transformers_twin(cfg, model, Path(tmp) / "hf"), batch)
-        t_ours = median_seconds(ours, args.steps)
-        t_theirs = median_seconds(theirs, args.steps)
-        t_moe, t_dense = layer_fwd_bwd(cfg, n, args.steps)
     flops = train_flops_per_token(cfg, args.seq) * n
-    gemm = gemm_flops(n, cfg.hidden_size, 4 * cfg.hidden_size, args.steps)
+    rows = {}
+    with single_process() as layout, tempfile.TemporaryDirectory() as tmp:
+        for name in args.dtypes:
+            dtype = DTYPES[name]
+            model, ours = our_step(cfg, layout, batch, dtype)
+            twin = transformers_twin(cfg, model, Path(tmp) / name).to(dtype)
+            theirs = their_step(twin, batch)
+            t_ours = median_seconds(warm(ours), args.steps)
+            t_theirs = median_seconds(warm(theirs), args.steps)
+            del model, ours, twin, theirs
+            t_moe, t_dense = layer_fwd_bwd(cfg, n, args.steps, dtype)
+            gemm = gemm_flops(n, cfg.hidden_size, 4 * cfg.hidden_size, args.steps, dtype)
+            rows[name] = (t_ours, t_theirs, t_moe, t_dense, gemm)
     print(
         f"{cfg.name}: batch {args.batch}x{args.seq}, {args.threads} threads, median of {args.steps}"
     )
-    print(f"  training step, upcycle (megatron-core): {n / t_ours:9.0f} tokens/s")
-    print(f"  training step, transformers:            {n / t_theirs:9.0f} tokens/s")
-    print(f"  ratio ours/transformers:                {t_theirs / t_ours:9.2f}x   (target >= 2)")
-    print(f"  MoE layer fwd+bwd:                      {t_moe * 1e3:9.1f} ms")
-    print(f"  dense layer, same active FLOPs:         {t_dense * 1e3:9.1f} ms")
-    print(f"  ratio MoE/dense:                        {t_moe / t_dense:9.2f}x   (target <= 1.3)")
-    print(f"  achieved, ours:                         {flops / t_ours / 1e9:9.1f} GFLOP/s")
-    print(f"  achieved, transformers:                 {flops / t_theirs / 1e9:9.1f} GFLOP/s")
-    print(
-        f"  plain fp32 GEMM {n}x{cfg.hidden_size}x{4 * cfg.hidden_size}: "
-        f"{gemm / 1e9:9.1f} GFLOP/s (ours reach {flops / t_ours / gemm:.0%} of it)"
-    )
+    for name, (t_ours, t_theirs, t_moe, t_dense, gemm) in rows.items():
+        print(f"[{name}]")
+        print(f"  training step, upcycle (megatron-core): {n / t_ours:9.0f} tokens/s")
+        print(f"  training step, transformers:            {n / t_theirs:9.0f} tokens/s")
+        target = "1.5" if name == "bf16" else "1.2"
+        print(
+            f"  ratio ours/transformers:                {t_theirs / t_ours:9.2f}x   (target >= {target})"
+        )
+        print(f"  MoE layer fwd+bwd:                      {t_moe * 1e3:9.1f} ms")
+        print(f"  dense layer, same active FLOPs:         {t_dense * 1e3:9.1f} ms")
+        print(
+            f"  ratio MoE/dense:                        {t_moe / t_dense:9.2f}x   (target <= 1.3)"
+        )
+        print(f"  achieved, ours:                         {flops / t_ours / 1e9:9.1f} GFLOP/s")
+        print(f"  achieved, transformers:                 {flops / t_theirs / 1e9:9.1f} GFLOP/s")
+        print(
+            f"  plain {name} GEMM {n}x{cfg.hidden_size}x{4 * cfg.hidden_size}: "
+            f"{gemm / 1e9:9.1f} GFLOP/s (ours reach {flops / t_ours / gemm:.0%} of it)"
+        )
+    if {"fp32", "bf16"} <= rows.keys():
+        speedup = rows["fp32"][0] / rows["bf16"][0]
+        print(f"ours bf16 / ours fp32:                    {speedup:9.2f}x")
 
 
 if __name__ == "__main__":

@@ -87,6 +87,24 @@ def _grad_norm() -> None:
     get_grad_norm_fp32([torch.ones(4)], norm_type=float("inf"))
 
 
+def _bf16_optimizer() -> None:
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    from upcycle.config import Layout, from_name
+    from upcycle.dense.megatron_config import to_transformer_config
+    from upcycle.platform.step import build_chunks
+
+    cfg = from_name("tiny-dense").replace(vocab_size=128, num_layers=1)
+    tconfig = to_transformer_config(cfg, params_dtype=torch.bfloat16)
+    chunks = build_chunks(cfg, Layout(), tconfig)
+    opt = get_megatron_optimizer(OptimizerConfig(lr=1e-3, bf16=True), chunks)
+    opt = opt.chained_optimizers[0] if hasattr(opt, "chained_optimizers") else opt
+    assert isinstance(opt, Float16OptimizerWithFloat16Params), type(opt)
+    main = opt.fp32_from_float16_groups[0][0]
+    assert main.dtype == torch.float32, main.dtype
+
+
 def _uneven_worker(rank: int, port: int, queue) -> None:
     from upcycle.platform.cpu import apply_cpu_patches
 
@@ -131,6 +149,7 @@ PROBES = {
     "numpy_split_sizes": _split_sizes_all_to_all,
     "sequence_parallel_norm": _sp_norm,
     "clip_grads": _clip,
+    "mixed_precision_optimizer": _bf16_optimizer,
 }
 _port_shared = 0
 

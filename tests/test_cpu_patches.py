@@ -25,6 +25,7 @@ EXPECTED_FAILURE = {
     "uneven_gather": "invalid tensor size",
     "sequence_parallel_norm": "sequence parallel not supported",
     "clip_grads": "AssertionError",
+    "mixed_precision_optimizer": "TypeError: Wrapped parameters must be one of",
 }
 
 

@@ -34,6 +34,23 @@ def distributed_backend() -> str:
 
 
 @functools.cache
+def bf16_supported() -> bool:
+    """True where bf16 matrix work is native: a CUDA device, or a CPU whose oneDNN has bf16
+    kernels (AVX512-BF16 or AMX; elsewhere torch would emulate bf16 slower than fp32)."""
+    if has_cuda():
+        return True
+    return bool(
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+NO_BF16 = (
+    "bf16 needs a CUDA GPU or a CPU with AVX512-BF16/AMX; this one has neither (bf16 would be "
+    "emulated, slower than fp32): use fp32"
+)
+
+
+@functools.cache
 def te_available() -> bool:
     """True where Transformer Engine imports and a CUDA device exists (the TE layer spec path)."""
     if not has_cuda():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import socket
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -51,9 +52,21 @@ class RunnerConfig(BaseModel):
     # Dual Chunk Attention past the trained context: 0 is off; else the length the model was
     # trained at (chunk 3/4 of it, local window 1/16; upcycle.dense.dual_chunk)
     dual_chunk_length: int = Field(default=0, ge=0)
+    # weights and KV cache; logits and sampling are fp32 either way. auto: bf16 on a GPU, fp32
+    # on a CPU (bf16 there is opt-in: fast with AMX, refused without AVX512-BF16/AMX)
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "bfloat16" or (self.dtype == "auto" and runtime.has_cuda()):
+            return torch.bfloat16
+        return torch.float32
 
     def check(self, cfg: ModelConfig) -> None:
-        """Raise ConfigError("engine.<field>", ...) if this does not fit model `cfg`."""
+        """Raise ConfigError("engine.<field>", ...) if this does not fit model `cfg` or this
+        machine (bf16 where it is not native)."""
+        if self.dtype == "bfloat16" and not runtime.bf16_supported():
+            raise ConfigError("engine.dtype", runtime.NO_BF16.replace("fp32", "float32"))
         if self.dual_chunk_length:
             if not 16 <= self.dual_chunk_length <= cfg.max_position_embeddings:
                 raise ConfigError(
@@ -119,7 +132,7 @@ class ModelRunner:
                 timeout=datetime.timedelta(minutes=10),
             )
         layout = init_parallel_state(Layout(tp=rc.tp, ep=rc.ep))
-        dtype = torch.bfloat16 if runtime.has_cuda() else torch.float32
+        dtype = rc.torch_dtype
         tconfig = to_transformer_config(self.cfg, layout, params_dtype=dtype)
         self.model = build_model(self.cfg, tconfig).to(runtime.device()).eval()
         if ckpt is not None:
@@ -135,7 +148,6 @@ class ModelRunner:
             runtime.device(),
         )
         self._state = kv_cache.install(self.model, self.cache)
-        _skip_idle_experts(self.model)
         self._rope = None  # megatron applies RoPE from this table, or DCA does its own
         if rc.dual_chunk_length:
             dca = DualChunk.for_trained_length(rc.dual_chunk_length)
@@ -190,36 +202,6 @@ def _rope_table(model: torch.nn.Module, length: int) -> torch.Tensor:
     which megatron's attention reads from the config)."""
     table = model.rotary_pos_emb(length)
     return table[0] if isinstance(table, tuple) else table
-
-
-def _skip_idle_experts(model: torch.nn.Module) -> None:
-    """Run only the experts that received tokens in megatron's `SequentialMLP` (the expert
-    module wherever Transformer Engine's grouped GEMM is absent).
-
-    `SequentialMLP.forward` calls every local expert, even with zero tokens: in a decode step of
-    one token and 64 experts that is 56 idle experts per layer, each several Python-level calls;
-    it was half of a moe-bench decode step on CPU (transformers loops over the hit experts
-    only). An idle expert adds an empty block to the concatenated output, so leaving it out
-    changes nothing; expert-TP ranks see the same token counts, so their collectives still
-    pair up."""
-    from megatron.core.transformer.moe.experts import SequentialMLP
-
-    def forward(self, hidden, tokens_per_expert, probs):
-        if self.num_local_experts == 1 or self.config.moe_apply_probs_on_input:
-            return SequentialMLP.forward(self, hidden, tokens_per_expert, probs)
-        counts = tokens_per_expert.tolist()
-        outputs = [
-            expert(h, p)[0]
-            for expert, h, p, n in zip(
-                self.local_experts, hidden.split(counts), probs.split(counts), counts, strict=True
-            )
-            if n
-        ]
-        return (torch.cat(outputs) if outputs else hidden[:0].clone()), None
-
-    for module in model.modules():
-        if type(module) is SequentialMLP:
-            module.forward = forward.__get__(module)
 
 
 def _node_ip() -> str:

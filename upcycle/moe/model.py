@@ -26,7 +26,7 @@ def build_model(
     """
     tconfig = tconfig or to_transformer_config(cfg)
     spec = (moe_spec if cfg.is_moe else dense_spec).layer_spec(cfg)
-    return GPTModel(
+    model = GPTModel(
         config=tconfig,
         transformer_layer_spec=spec,
         vocab_size=cfg.vocab_size,
@@ -39,6 +39,9 @@ def build_model(
         rotary_base=int(cfg.rope_theta),
         vp_stage=vp_stage,
     )
+    # megatron-core's torch norms (the local spec) make fp32 weights whatever params_dtype says;
+    # one dtype for every parameter is what its mixed-precision optimizer's checkpoint expects
+    return model.to(dtype=tconfig.params_dtype)
 
 
 def build_on_meta(cfg: ModelConfig) -> GPTModel:

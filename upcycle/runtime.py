@@ -35,13 +35,12 @@ def distributed_backend() -> str:
 
 @functools.cache
 def bf16_supported() -> bool:
-    """True where bf16 matrix work is native: a CUDA device, or a CPU whose oneDNN has bf16
-    kernels (AVX512-BF16 or AMX; elsewhere torch would emulate bf16 slower than fp32)."""
+    """True where bf16 matrix work is native: a CUDA device, or a CPU with AVX512-BF16 or AMX
+    tiles for oneDNN's bf16 kernels (elsewhere torch emulates bf16, slower than fp32)."""
     if has_cuda():
         return True
-    return bool(
-        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return bool(native and torch.backends.mkldnn.is_available())
 
 
 NO_BF16 = (

@@ -154,13 +154,11 @@ class FusedSequentialMLP(SequentialMLP):
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         c = self.config
-        mlp = self.local_experts[0]
         covered = (
             c.gated_linear_unit
             and c.activation_func is F.silu
             and not (c.fp8 or c.fp4 or c.moe_apply_probs_on_input or c.add_bias_linear)
             and not c.use_te_activation_func
-            and mlp.linear_fc1.weight.dim() == 2
         )
         if not covered:
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)

@@ -8,8 +8,8 @@ fails without it, so a megatron-core upgrade that fixes one is noticed.
 The TorchFunctionMode of the `cuda_device_args` patch is thread-local: call `apply_cpu_patches()`
 in the thread that runs the model (Ray Train runs the training loop in its own thread).
 
-Not available on CPU, and not patched: the distributed optimizer, grouped GEMM (SequentialMLP is
-used), the flex (DeepEP) dispatcher.
+Not available on CPU, and not patched: the distributed optimizer, TE's grouped GEMM (the experts
+run as upcycle.moe.experts.FusedSequentialMLP), the flex (DeepEP) dispatcher.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Training-step tokens/s of our megatron-core stack vs transformers, on the same config and weights.
 
     .venv/bin/python bench/train_throughput.py [--preset moe-bench|tiny-moe] [--steps 5]
-        [--dtypes fp32 bf16]
+        [--dtypes fp32 bf16] [--ablation]
 
 In one process, with the same batch and thread count, for each dtype:
 1. a training step (forward + backward + Adam) of ours (megatron-core GPTModel, DDP, megatron
@@ -11,7 +11,9 @@ In one process, with the same batch and thread count, for each dtype:
    are bf16) built from the same weights; medians and their ratio;
 2. the MoE layer (router + routed + shared experts) forward + backward vs a dense SwiGLU layer of
    the same active FLOPs (width top_k * expert width + shared width); the ratio;
-3. the achieved FLOP/s of both training steps vs a plain GEMM of the same dtype on this machine.
+3. the achieved FLOP/s of both training steps vs a plain GEMM of the same dtype on this machine;
+4. with --ablation, our step with megatron-core's attention, experts and optimizer loop put back,
+   then each of our changes (CHANGES) added in turn: what each one buys.
 Each timed function runs twice before timing: oneDNN (bf16 matmul on CPU) compiles a kernel per
 new GEMM shape, which a long training run pays once.
 """
@@ -32,9 +34,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from forward_throughput import MOE_BENCH, median_seconds  # noqa: E402
 from megatron.core.distributed import finalize_model_grads  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
+from megatron.core.transformer.moe.experts import SequentialMLP  # noqa: E402
 
 from upcycle.config import TrainConfig, from_name  # noqa: E402
+from upcycle.dense.attention import SDPAttention  # noqa: E402
 from upcycle.dense.megatron_config import to_transformer_config  # noqa: E402
+from upcycle.moe.experts import FusedSequentialMLP  # noqa: E402
 from upcycle.moe.model import build_model  # noqa: E402
 from upcycle.platform.data import Batch  # noqa: E402
 from upcycle.platform.distributed import single_process  # noqa: E402
@@ -46,11 +52,30 @@ from upcycle.platform.step import build_chunks, build_optimizer  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def our_step(cfg, layout, batch: Batch, dtype=torch.float32):
+# The ablation's steps, in the order they were added; each can be taken back out of our step.
+CHANGES = {
+    "sdpa": "SDPA core attention (dense/attention.py)",
+    "experts": "fused, bucketed experts (moe/experts.py)",
+    "adam": "torch's fused AdamW",
+}
+
+
+def our_step(cfg, layout, batch: Batch, dtype=torch.float32, without: frozenset[str] = frozenset()):
+    """Our training step; `without` puts back megatron-core's module or optimizer loop for each
+    named change (CHANGES), with the same weights and layout."""
     tconfig = to_transformer_config(cfg, layout, params_dtype=dtype)
     tconfig.finalize_model_grads_func = finalize_model_grads
     chunks = build_chunks(cfg, layout, tconfig)
     optimizer = build_optimizer(chunks, TrainConfig(lr=1e-4, clip_grad=1.0), tconfig)
+    for module in chunks[0].modules():
+        if "sdpa" in without and type(module) is SDPAttention:
+            module.__class__ = DotProductAttention
+        if "experts" in without and type(module) is FusedSequentialMLP:
+            module.__class__ = SequentialMLP
+    if "adam" in without:
+        for inner in optimizer.chained_optimizers:
+            for group in inner.optimizer.param_groups:
+                group["fused"] = False
     schedule = get_forward_backward_func()
     b, s = batch.tokens.shape
 
@@ -123,6 +148,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=DTYPES)
+    parser.add_argument(
+        "--ablation", action="store_true", help="also our step with each change taken back out"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = MOE_BENCH if args.preset == "moe-bench" else from_name(args.preset)
@@ -131,7 +159,7 @@ def main() -> None:
     batch = Batch(tokens=window[:, :-1].contiguous(), labels=window[:, 1:].contiguous())
     n = batch.tokens.numel()
     flops = train_flops_per_token(cfg, args.seq) * n
-    rows = {}
+    rows, ablation = {}, {}
     with single_process() as layout, tempfile.TemporaryDirectory() as tmp:
         for name in args.dtypes:
             dtype = DTYPES[name]
@@ -144,6 +172,12 @@ def main() -> None:
             t_moe, t_dense = layer_fwd_bwd(cfg, n, args.steps, dtype)
             gemm = gemm_flops(n, cfg.hidden_size, 4 * cfg.hidden_size, args.steps, dtype)
             rows[name] = (t_ours, t_theirs, t_moe, t_dense, gemm)
+            if args.ablation:
+                for k in range(len(CHANGES)):  # none of the changes, then one more each time
+                    without = frozenset(list(CHANGES)[k:])
+                    _, step = our_step(cfg, layout, batch, dtype, without)
+                    ablation.setdefault(k, {})[name] = median_seconds(warm(step), args.steps)
+                    del step
     print(
         f"{cfg.name}: batch {args.batch}x{args.seq}, {args.threads} threads, median of {args.steps}"
     )
@@ -169,6 +203,13 @@ def main() -> None:
     if {"fp32", "bf16"} <= rows.keys():
         speedup = rows["fp32"][0] / rows["bf16"][0]
         print(f"ours bf16 / ours fp32:                    {speedup:9.2f}x")
+    if ablation:
+        ablation[len(CHANGES)] = {name: row[0] for name, row in rows.items()}
+        labels = ["megatron-core's attention, SequentialMLP, Adam loop"]
+        labels += [f"+ {text}" for text in CHANGES.values()]
+        print("ablation, our training step tokens/s: " + "  ".join(rows))
+        for k, label in enumerate(labels):
+            print(f"  {label:<56}" + "".join(f"{n / ablation[k][d]:>8.0f}" for d in rows))
 
 
 if __name__ == "__main__":

@@ -109,18 +109,25 @@ def test_fused_experts_equal_sequential_mlp(skewed):
             assert not grads[f"experts.local_experts.{e}.linear_fc1.weight"].any()
 
 
-def test_fused_experts_inference_paths_agree():
+def test_fused_experts_inference_paths_agree(monkeypatch):
     """Without autograd, a few tokens per expert go expert by expert (a decode step reads only
     the experts it uses, no padding), many through the bucketed GEMMs; both equal SequentialMLP."""
+    from upcycle.moe import experts
+
     mlp, cfg = _moe_layer()
-    for tokens in (3, 300):  # 6 rows, mostly padding in buckets: expert by expert
+    alone = []
+    each_expert = experts._each_expert
+    monkeypatch.setattr(experts, "_each_expert", lambda *a: alone.append(1) or each_expert(*a))
+    for tokens, by_expert in ((3, True), (300, False)):  # 6 rows would be mostly padding
         x = torch.randn(tokens, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+        alone.clear()
         with torch.no_grad():
             got = mlp(x)[0]
             mlp.experts.__class__ = SequentialMLP
             want = mlp(x)[0]
             mlp.experts.__class__ = FusedSequentialMLP
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert bool(alone) == by_expert
 
 
 def test_group_plan_buckets_and_rows():
@@ -132,15 +139,15 @@ def test_group_plan_buckets_and_rows():
     # experts inside a bucket compute zero rows)
     assert plan.buckets == [(0, 8, 96, 0), (8, 6, 32, 768)]
     assert (plan.covered, plan.rows) == (14, 960)
-    # every token row lands on its own padded row, inside its expert's slot
+    # every token row lands on its own padded row, inside its expert's slot of its bucket
     assert plan.dest.unique().numel() == sum(counts)
+    slot = {}
+    for first, n, cap, row in plan.buckets:
+        for k in range(n):
+            slot[plan.order[first + k]] = (row + k * cap, row + (k + 1) * cap)
     expert_of_row = torch.repeat_interleave(torch.arange(14), torch.tensor(counts))
-    slot = {e: next(k for k, x in enumerate(plan.order) if x == e) for e in range(14)}
     for r, e in enumerate(expert_of_row.tolist()):
-        k = slot[e]
-        start = 0 if k < 8 else 768 + (k - 8) * 32
-        start += k * 96 if k < 8 else 0
-        assert start <= int(plan.dest[r]) < start + (96 if k < 8 else 32)
+        assert slot[e][0] <= int(plan.dest[r]) < slot[e][1]
     assert GroupPlan.of([0, 0, 0], torch.device("cpu")).buckets == []
 
 

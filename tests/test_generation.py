@@ -174,7 +174,7 @@ def test_seeded_sampling_repeats_and_other_seeds_differ(model):
 
 def test_bf16_serving_against_transformers_bf16(model):
     """engine.dtype bfloat16 (bf16 weights and KV cache, fp32 logits and sampling) against
-    transformers in bf16 on the same weights. Tolerance: along transformers' bf16 greedy
+    transformers in bf16 on the same weights, prefill and then decode steps off the cache. Tolerance: along transformers' bf16 greedy
     continuation, our bf16 logits are no further from the exact (fp32) logits than 3x
     transformers' own bf16 logits are. bf16 keeps 8 bits of mantissa and the two round in
     different orders (measured: 0.9x dense; 2.1x MoE, whose expert outputs are weighted and
@@ -197,14 +197,12 @@ def test_bf16_serving_against_transformers_bf16(model):
     seq = out[0].tolist()
     rc = RunnerConfig(max_num_seqs=1, max_model_len=CONTEXT, dtype="bfloat16")
     runner = ModelRunner(ckpt, rc)
-    ours = torch.stack(
-        [
-            runner.forward(StepPlan(seq[:t], [0], [0], [t]))[0, :512]
-            for t in range(len(prompt), len(seq))
-        ]
-    )
+    n = len(prompt)  # prefill, then one cached decode step per continuation token
+    steps = [StepPlan(prompt, [0], [0], [n])]
+    steps += [StepPlan([seq[t]], [0], [t], [1]) for t in range(n, len(seq) - 1)]
+    ours = torch.stack([runner.forward(plan)[0, :512] for plan in steps])
     with torch.no_grad():
-        exact = hf(torch.tensor([seq])).logits[0, len(prompt) - 1 : -1].float()
-        bf16 = theirs(torch.tensor([seq])).logits[0, len(prompt) - 1 : -1].float()
+        exact = hf(torch.tensor([seq])).logits[0, n - 1 : -1].float()
+        bf16 = theirs(torch.tensor([seq])).logits[0, n - 1 : -1].float()
     ours_err, their_err = (ours - exact).abs().max(), (bf16 - exact).abs().max()
     assert 0 < ours_err <= 3 * their_err

@@ -45,7 +45,7 @@ def bf16_supported() -> bool:
 
 NO_BF16 = (
     "bf16 needs a CUDA GPU or a CPU with AVX512-BF16/AMX; this one has neither (bf16 would be "
-    "emulated, slower than fp32): use fp32"
+    "emulated, slower than fp32)"
 )
 
 

@@ -66,7 +66,7 @@ class RunnerConfig(BaseModel):
         """Raise ConfigError("engine.<field>", ...) if this does not fit model `cfg` or this
         machine (bf16 where it is not native)."""
         if self.dtype == "bfloat16" and not runtime.bf16_supported():
-            raise ConfigError("engine.dtype", runtime.NO_BF16.replace("fp32", "float32"))
+            raise ConfigError("engine.dtype", f"{runtime.NO_BF16}: use float32")
         if self.dual_chunk_length:
             if not 16 <= self.dual_chunk_length <= cfg.max_position_embeddings:
                 raise ConfigError(

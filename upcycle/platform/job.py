@@ -109,7 +109,7 @@ class TrainJob:
         if self.train.fp8:
             runtime.require_te(f"train.fp8={self.train.fp8!r}")
         if self.train.dtype == "bf16" and not runtime.bf16_supported():
-            raise ConfigError("train.dtype", runtime.NO_BF16)
+            raise ConfigError("train.dtype", f"{runtime.NO_BF16}: use fp32")
         if self.objective == "sft" and self.sft.pack and runtime.te_available():
             # TE's fused attention takes packed sequences as THD + cu_seqlens, not a mask
             raise ConfigError(

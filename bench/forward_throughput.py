@@ -20,9 +20,9 @@ import torch
 warnings.filterwarnings("ignore")
 
 from upcycle.config import ModelConfig, from_name  # noqa: E402
+from upcycle.conversion.hf_interop import transformers_twin  # noqa: E402
 from upcycle.moe.model import build_model  # noqa: E402
 from upcycle.platform.distributed import single_process  # noqa: E402
-from upcycle.platform.hf_interop import transformers_twin  # noqa: E402
 
 # The team's shared benchmark configuration (reference/qwen2.md).
 MOE_BENCH = ModelConfig(

@@ -30,13 +30,13 @@ warnings.filterwarnings("ignore")
 from forward_throughput import MOE_BENCH  # noqa: E402
 
 from upcycle.config import from_name  # noqa: E402
+from upcycle.conversion.hf_interop import transformers_twin  # noqa: E402
 from upcycle.deploy.engine import Engine  # noqa: E402
 from upcycle.deploy.runner import ModelRunner, RunnerConfig  # noqa: E402
 from upcycle.deploy.sampling import SamplingParams  # noqa: E402
 from upcycle.moe.model import build_model  # noqa: E402
 from upcycle.platform.checkpoint import save_checkpoint  # noqa: E402
 from upcycle.platform.distributed import single_process  # noqa: E402
-from upcycle.platform.hf_interop import transformers_twin  # noqa: E402
 
 
 def ours_once(engine: Engine, prompts: list[list[int]], tokens: int) -> tuple[float, float]:

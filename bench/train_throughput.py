@@ -38,13 +38,13 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention 
 from megatron.core.transformer.moe.experts import SequentialMLP  # noqa: E402
 
 from upcycle.config import TrainConfig, from_name  # noqa: E402
+from upcycle.conversion.hf_interop import transformers_twin  # noqa: E402
 from upcycle.dense.attention import SDPAttention  # noqa: E402
 from upcycle.dense.megatron_config import to_transformer_config  # noqa: E402
 from upcycle.moe.experts import FusedSequentialMLP  # noqa: E402
 from upcycle.moe.model import build_model  # noqa: E402
 from upcycle.platform.data import Batch  # noqa: E402
 from upcycle.platform.distributed import single_process  # noqa: E402
-from upcycle.platform.hf_interop import transformers_twin  # noqa: E402
 from upcycle.platform.metrics import train_flops_per_token  # noqa: E402
 from upcycle.platform.objectives import lm_step  # noqa: E402
 from upcycle.platform.step import build_chunks, build_optimizer  # noqa: E402

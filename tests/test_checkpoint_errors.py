@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from upcycle.atomic import IntegrityError, atomic_directory
 from upcycle.config import ConfigError
+from upcycle.conversion.hf_interop import export_hf, import_hf, model_from_hf
 from upcycle.dense.hf_weights import CheckpointError
-from upcycle.platform.hf_interop import export_hf, import_hf, model_from_hf
 
 
 def _rewrite(folder, change):

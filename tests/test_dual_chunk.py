@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import tiny_qwen2
 
+from upcycle.conversion.hf_interop import import_hf, model_from_hf
 from upcycle.dense.dual_chunk import DualChunk
 from upcycle.deploy.kv_cache import StepPlan
 from upcycle.deploy.runner import ModelRunner, RunnerConfig
-from upcycle.platform.hf_interop import import_hf, model_from_hf
 
 TRAINED = 32  # chunk c = 24, local window w = 2, chunk length s = 22
 HEAD_DIM = 16

@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import tiny_qwen2, tiny_qwen2_moe
 
+from upcycle.conversion.hf_interop import import_hf
 from upcycle.dense.tokenizer import get_tokenizer
 from upcycle.deploy.engine import Engine
 from upcycle.deploy.kv_cache import StepPlan
 from upcycle.deploy.runner import ModelRunner, RunnerConfig
 from upcycle.deploy.sampling import SamplingParams, sample
-from upcycle.platform.hf_interop import import_hf
 
 CONTEXT = 256
 

@@ -11,9 +11,9 @@ from conftest import logits_of, positions, tiny_qwen2, tiny_qwen2_moe
 from transformers import AutoModelForCausalLM
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
+from upcycle.conversion.hf_interop import export_hf, import_hf, model_from_hf
 from upcycle.moe import aux_loss
 from upcycle.moe.model import build_model
-from upcycle.platform.hf_interop import export_hf, import_hf, model_from_hf
 
 TOL = 1e-4
 TOKENS = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(7))

@@ -1,6 +1,7 @@
-"""The KubeRay RayJob shipped for training: its embedded training spec is valid for the world
-size its entrypoint asks for, and the cluster it describes has that many GPUs. (The RayService
-for serving is checked in test_serve_manifests.py.)"""
+"""The KubeRay RayJobs shipped: training (its embedded spec is valid for the world size its
+entrypoint asks for, and the cluster it describes has that many GPUs) and the 57B upcycling
+(the training's layout, pods that hold their ranks). (The RayService for serving is checked in
+test_serve_manifests.py.)"""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from upcycle.config import from_name
 from upcycle.platform.job import TrainJob
 from upcycle.platform.plan import GIB, Workload, memory
 
@@ -36,3 +38,38 @@ def test_rayjob_spec_is_valid_for_its_world_size():
     work = Workload(job.train.seq_length, layout.micro_batch_size, layout.global_batch_size)
     used = memory(job.model, layout, work).total(distributed_optimizer=True, recompute=False)
     assert used < 80 * GIB * 0.9 - GIB
+
+
+UPCYCLE = MANIFEST.with_name("rayjob-upcycle.yaml")
+
+
+def test_rayjob_upcycle_runs_the_training_layout_and_fits_its_pods():
+    """The 57B conversion RayJob: its layout is the training example's, checked against the
+    target model for its worker count; the cluster has that many CPUs and each pod's memory
+    holds its ranks by the dry run's per-rank figures; it writes the training's init_from."""
+    from upcycle.conversion.budget import upcycle_budget
+    from upcycle.conversion.shards import parse_layout
+    from upcycle.jobs.convert import check_on_ranks
+
+    (rayjob,) = list(yaml.safe_load_all(UPCYCLE.read_text()))
+    spec = rayjob["spec"]
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:2] == ["upcycle", "convert"]
+    workers = int(argv[argv.index("--workers") + 1])
+    layout = check_on_ranks(
+        argv[argv.index("--to") + 1], parse_layout(argv[argv.index("--layout") + 1]), workers
+    )
+    train = _docs()
+    train_layout = yaml.safe_load(train["ConfigMap"]["data"]["train.yaml"])["layout"]
+    assert {k: getattr(layout, k) for k in ("tp", "pp", "ep", "etp")} == {
+        k: train_layout[k] for k in ("tp", "pp", "ep", "etp")
+    }
+    assert argv[2] == yaml.safe_load(train["ConfigMap"]["data"]["train.yaml"])["init_from"]
+    (group,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    per_pod = workers // group["replicas"]
+    assert per_pod <= int(limits["cpu"])
+    budget = upcycle_budget(from_name("qwen2-7b"), from_name("qwen2-57b-a14b"), layout)
+    assert (
+        per_pod * max(b.holds for b in budget) < int(limits["memory"].removesuffix("Gi")) * GIB / 2
+    )

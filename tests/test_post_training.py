@@ -14,13 +14,13 @@ from post_training_data import FACTS, write_dpo, write_sft
 from training_reference import run_locally
 
 from upcycle.config import ConfigError, DpoConfig, Layout, TrainConfig, from_name
+from upcycle.conversion.hf_interop import transformers_twin
 from upcycle.dense.tokenizer import chat_text, get_tokenizer
 from upcycle.moe.model import build_model
 from upcycle.platform.chat_data import PackedConversations, PreferencePairs
 from upcycle.platform.checkpoint import save_checkpoint
 from upcycle.platform.data import DataError
 from upcycle.platform.distributed import single_process
-from upcycle.platform.hf_interop import transformers_twin
 from upcycle.platform.job import TrainJob
 from upcycle.platform.objectives import lm_step
 from upcycle.platform.ray_train import fit

@@ -8,8 +8,8 @@ import pytest
 from conftest import tiny_qwen2
 
 from upcycle.config import ConfigError
+from upcycle.conversion.hf_interop import import_hf
 from upcycle.deploy.sources import resolve
-from upcycle.platform.hf_interop import import_hf
 
 
 def test_transformers_folder_is_imported_once(tmp_path):

@@ -26,10 +26,12 @@ class IntegrityError(RuntimeError):
 
 
 @contextlib.contextmanager
-def atomic_directory(dest: Path) -> Iterator[Path]:
+def atomic_directory(dest: Path, *, described: dict | None = None) -> Iterator[Path]:
     """Yield a temporary folder; on success write its manifest and rename it to `dest`.
 
-    `dest` may exist only as an empty folder: nothing already written is replaced.
+    `dest` may exist only as an empty folder: nothing already written is replaced. Files whose
+    entries the writer puts into `described` during the block (hashed where they were written,
+    e.g. by the ranks of a distributed conversion) are not hashed again.
     """
     dest = Path(dest).absolute()
     if dest.exists() and any(dest.iterdir()):
@@ -39,7 +41,7 @@ def atomic_directory(dest: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        write_manifest(tmp)
+        write_manifest(tmp, described=described)
         if dest.exists():
             dest.rmdir()  # empty, checked above
         os.rename(tmp, dest)
@@ -64,15 +66,18 @@ def _is_manifest(name: str) -> bool:
     return name == MANIFEST or (name.startswith(PART_PREFIX) and name.endswith(".json"))
 
 
-def _describe(root: Path) -> dict:
+def describe(root: Path, paths: list[Path] | None = None) -> dict:
+    """Manifest entries (size, SHA-256) of `paths` (default: every file) under `root`."""
     return {
         str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in _files(root)
+        for p in (_files(root) if paths is None else paths)
     }
 
 
-def write_manifest(root: Path) -> dict:
-    manifest = {"files": _describe(root)}
+def write_manifest(root: Path, *, described: dict | None = None) -> dict:
+    known = described or {}
+    rest = [p for p in _files(root) if str(p.relative_to(root)) not in known]
+    manifest = {"files": {**known, **describe(root, rest)}}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
@@ -84,7 +89,7 @@ def write_manifest_part(root: Path, rank: int, world_size: int) -> None:
     storage layer (Ray Train uploads all ranks' folders into one); the parts, one per rank,
     together describe the merged folder.
     """
-    manifest = {"files": _describe(root), "rank": rank, "world_size": world_size}
+    manifest = {"files": describe(root), "rank": rank, "world_size": world_size}
     name = f"{PART_PREFIX}{rank:05d}-of-{world_size:05d}.json"
     (root / name).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 

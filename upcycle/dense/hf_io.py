@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -197,38 +198,80 @@ def write_hf_dir(
     JSON files beside them. Tensors may come from a generator: each shard is written as soon as
     it is full, so at most one shard is held in memory."""
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
-    meta = {"format": "pt"}
     with atomic_directory(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
-        for name, content in (extra or {}).items():
-            (tmp / name).write_text(json.dumps(content, indent=1) + "\n")
-        shard: dict[str, torch.Tensor] = {}
-        parts: list[tuple[Path, list[str]]] = []
-        size = total = 0
+        write_hf_config(tmp, cfg, dtype, extra)
+        writer = ShardWriter(tmp, "part-", dtype, max_shard_bytes)
         for name, t in items:
-            t = t.detach().to(dtype).contiguous()
-            nbytes = t.numel() * t.element_size()
-            if shard and size + nbytes > max_shard_bytes:
-                parts.append(_write_part(tmp, len(parts), shard, meta))
-                shard, size = {}, 0
-            shard[name] = t
-            size += nbytes
-            total += nbytes
-        parts.append(_write_part(tmp, len(parts), shard, meta))
-        if len(parts) == 1:
-            parts[0][0].rename(tmp / SINGLE_FILE)
-        else:
-            weight_map = {}
-            for i, (path, names) in enumerate(parts, 1):
-                fname = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
-                path.rename(tmp / fname)
-                weight_map |= dict.fromkeys(names, fname)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            writer.add(name, t)
+        name_shards(tmp, writer.close())
     return Path(out_dir)
 
 
-def _write_part(folder: Path, index: int, shard: dict, meta: dict) -> tuple[Path, list[str]]:
-    path = folder / f"part-{index:05d}.safetensors"  # renamed once the shard count is known
-    save_file(shard, path, metadata=meta)
-    return path, list(shard)
+def write_hf_config(
+    folder: Path, cfg: ModelConfig, dtype: torch.dtype, extra: Mapping[str, dict] | None = None
+) -> None:
+    (folder / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
+    for name, content in (extra or {}).items():
+        (folder / name).write_text(json.dumps(content, indent=1) + "\n")
+
+
+@dataclass
+class Part:
+    """One written safetensors file (named `part-...` until `name_shards` knows the count)."""
+
+    path: Path
+    names: list[str]
+    nbytes: int
+
+
+class ShardWriter:
+    """Safetensors files of at most `max_shard_bytes` each (a larger tensor gets a file of its
+    own), each written as soon as it is full."""
+
+    def __init__(self, folder: Path, prefix: str, dtype: torch.dtype, max_shard_bytes: int):
+        self.folder, self.prefix, self.dtype, self.limit = (
+            Path(folder),
+            prefix,
+            dtype,
+            max_shard_bytes,
+        )
+        self.parts: list[Part] = []
+        self._shard: dict[str, torch.Tensor] = {}
+        self._size = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().to(self.dtype).contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self._shard and self._size + nbytes > self.limit:
+            self._flush()
+        self._shard[name] = t
+        self._size += nbytes
+
+    def _flush(self) -> None:
+        path = self.folder / f"{self.prefix}{len(self.parts):05d}.safetensors"
+        save_file(self._shard, path, metadata={"format": "pt"})
+        self.parts.append(Part(path, list(self._shard), self._size))
+        self._shard, self._size = {}, 0
+
+    def close(self) -> list[Part]:
+        if self._shard:
+            self._flush()
+        return self.parts
+
+
+def name_shards(folder: Path, parts: list[Part]) -> dict[str, str]:
+    """Rename written parts to transformers' names (`model.safetensors`, or
+    `model-0000i-of-0000n.safetensors` + the index); the old name -> new name of each."""
+    if len(parts) == 1:
+        parts[0].path.rename(folder / SINGLE_FILE)
+        return {parts[0].path.name: SINGLE_FILE}
+    renamed, weight_map = {}, {}
+    for i, part in enumerate(parts, 1):
+        fname = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+        part.path.rename(folder / fname)
+        renamed[part.path.name] = fname
+        weight_map |= dict.fromkeys(part.names, fname)
+    total = sum(p.nbytes for p in parts)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return renamed

@@ -11,6 +11,7 @@ Pure functions over state dicts, driven by `ModelConfig`. The only layout change
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
@@ -154,46 +155,72 @@ def to_megatron(cfg: ModelConfig, hf: Mapping[str, torch.Tensor]) -> Tensors:
 
 def to_hf(cfg: ModelConfig, sd: Mapping[str, torch.Tensor]) -> Tensors:
     """The state dict of our GPTModel -> transformers tensors (per-expert layout)."""
-    out: Tensors = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"]}
-    for i in range(cfg.num_layers):
-        p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out[p + "input_layernorm.weight"] = sd[m + "input_layernorm.weight"]
-        out[p + "post_attention_layernorm.weight"] = sd[m + "pre_mlp_layernorm.weight"]
-        out |= _split_qkv(
-            cfg, sd[m + "self_attention.linear_qkv.weight"], p + "self_attn.", "weight"
-        )
-        if cfg.qkv_bias:
-            out |= _split_qkv(
-                cfg, sd[m + "self_attention.linear_qkv.bias"], p + "self_attn.", "bias"
-            )
-        out[p + "self_attn.o_proj.weight"] = sd[m + "self_attention.linear_proj.weight"]
-        if not cfg.is_moe:
-            out |= fc_to_hf(sd, m + "mlp.", p + "mlp.")
-            continue
-        out[p + "mlp.gate.weight"] = sd[m + "mlp.router.weight"]
-        for e in range(cfg.num_experts):
-            out |= fc_to_hf(sd, f"{m}mlp.experts.local_experts.{e}.", f"{p}mlp.experts.{e}.")
-        if cfg.shared_expert_ffn_hidden_size:
-            out |= fc_to_hf(sd, m + "mlp.shared_experts.", p + "mlp.shared_expert.")
-            if cfg.shared_expert_gate:
-                out[p + "mlp.shared_expert_gate.weight"] = sd[m + "mlp.shared_experts.gate_weight"]
-    out["model.norm.weight"] = sd["decoder.final_layernorm.weight"]
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["output_layer.weight"]
+    out: Tensors = {}
+    for key, t in sd.items():
+        if not key.endswith("_extra_state"):
+            out |= hf_of(cfg, key, t)
     return {k: v.contiguous() for k, v in out.items()}
 
 
+# megatron-core name -> transformers name, for tensors that map one to one (outside the layers,
+# and within a layer)
+HF_TOP_NAMES = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+HF_LAYER_NAMES = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "mlp.router.weight": "mlp.gate.weight",
+    "mlp.shared_experts.gate_weight": "mlp.shared_expert_gate.weight",
+}
+_FC_PREFIXES = (  # megatron-core MLP prefix -> transformers', within a layer
+    (re.compile(r"mlp\.experts\.local_experts\.(\d+)\."), r"mlp.experts.\1."),
+    (re.compile(r"mlp\.shared_experts\."), "mlp.shared_expert."),
+    (re.compile(r"mlp\."), "mlp."),
+)
+
+
+def hf_of(cfg: ModelConfig, key: str, t: torch.Tensor) -> Tensors:
+    """One full (unsharded) tensor of our GPTModel -> its transformers tensor(s): q/k/v split,
+    [gate; up] split, names mapped. A tied model's `output_layer.weight` (a pipeline's last
+    stage holds a copy) maps to nothing."""
+    if key in HF_TOP_NAMES:
+        tied_copy = key == "output_layer.weight" and cfg.tie_embeddings
+        return {} if tied_copy else {HF_TOP_NAMES[key]: t}
+    layer, rest = key.removeprefix("decoder.layers.").split(".", 1)
+    p = f"model.layers.{layer}."
+    if rest in HF_LAYER_NAMES:
+        return {p + HF_LAYER_NAMES[rest]: t}
+    if rest.startswith("self_attention.linear_qkv."):
+        return _split_qkv(cfg, t, p + "self_attn.", rest.rsplit(".", 1)[1])
+    for pattern, hf_prefix in _FC_PREFIXES:
+        if m := pattern.match(rest):
+            src = rest[: m.end()]
+            if rest[m.end() :] in ("linear_fc1.weight", "linear_fc2.weight"):
+                return fc_to_hf({rest: t}, src, p + m.expand(hf_prefix), only=rest[m.end() :])
+    raise CheckpointError(f"{key}: not a tensor of a Qwen2 / Qwen2-MoE model")
+
+
+def megatron_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of our GPTModel for `cfg` at one process (TP 1, PP 1), with its shape."""
+    meta = {n: torch.empty(s, device="meta") for n, s in hf_shapes(cfg).items()}
+    return {k: tuple(v.shape) for k, v in to_megatron(cfg, meta).items()}
+
+
 def _fuse_qkv(cfg: ModelConfig, hf: Mapping[str, torch.Tensor], prefix: str, kind: str):
-    g, d = cfg.num_kv_heads, cfg.head_dim
-    per_group = cfg.num_attention_heads // g
-    q = hf[f"{prefix}q_proj.{kind}"]
-    k = hf[f"{prefix}k_proj.{kind}"]
-    v = hf[f"{prefix}v_proj.{kind}"]
+    q, k, v = (hf[f"{prefix}{n}_proj.{kind}"] for n in "qkv")
+    return fuse_qkv(q, k, v, cfg.num_kv_heads)
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """megatron-core's `linear_qkv` rows from q/k/v rows of `groups` KV heads: per group, its
+    query heads, then its key and its value head (a TP slice of it is whole groups)."""
     tail = q.shape[1:]
-    fused = torch.cat(
-        [q.reshape(g, per_group * d, *tail), k.reshape(g, d, *tail), v.reshape(g, d, *tail)], dim=1
-    )
-    return fused.reshape(-1, *tail)
+    parts = [x.reshape(groups, -1, *tail) for x in (q, k, v)]
+    return torch.cat(parts, dim=1).reshape(-1, *tail)
 
 
 def _split_qkv(cfg: ModelConfig, fused: torch.Tensor, prefix: str, kind: str) -> Tensors:
@@ -217,10 +244,15 @@ def _fc_to_megatron(hf: Mapping[str, torch.Tensor], src: str, dst: str) -> Tenso
     }
 
 
-def fc_to_hf(sd: Mapping[str, torch.Tensor], src: str, dst: str) -> Tensors:
-    gate, up = sd[src + "linear_fc1.weight"].chunk(2, dim=0)
-    return {
-        dst + "gate_proj.weight": gate,
-        dst + "up_proj.weight": up,
-        dst + "down_proj.weight": sd[src + "linear_fc2.weight"],
-    }
+def fc_to_hf(
+    sd: Mapping[str, torch.Tensor], src: str, dst: str, *, only: str | None = None
+) -> Tensors:
+    """A SwiGLU MLP's `linear_fc1` ([gate; up]) and `linear_fc2` under `src` -> transformers'
+    gate/up/down under `dst` (`only`: just one of the two)."""
+    out: Tensors = {}
+    if only in (None, "linear_fc1.weight"):
+        gate, up = sd[src + "linear_fc1.weight"].chunk(2, dim=0)
+        out |= {dst + "gate_proj.weight": gate, dst + "up_proj.weight": up}
+    if only in (None, "linear_fc2.weight"):
+        out[dst + "down_proj.weight"] = sd[src + "linear_fc2.weight"]
+    return out

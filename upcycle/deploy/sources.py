@@ -55,7 +55,7 @@ def _verified(ckpt: Path) -> Path:
 
 
 def _imported(hf_dir: Path, cache_dir: Path) -> Path:
-    from upcycle.platform.hf_interop import import_hf
+    from upcycle.conversion.hf_interop import import_hf
 
     digest = hashlib.sha256()
     for name in ("config.json", hf_io.INDEX_FILE, hf_io.SINGLE_FILE):

@@ -11,6 +11,10 @@ shard and one layer (bench/upcycle_memory.py measures it). Our own format is wri
 megatron-core dist-checkpoint save, which needs the whole MoE state in memory.
 Every shape and setting is checked before anything is written; `--dry-run` checks a full-size pair
 on the meta device without weights.
+
+With `--workers N --layout ...` the conversion runs on N ranks instead (`on_ranks`,
+upcycle.conversion): each rank builds, fills and writes only its shard of the MoE, so memory per
+process is about 1/N of the model; `--dry-run` then sizes every rank's reads, memory and writes.
 """
 
 from __future__ import annotations
@@ -25,7 +29,12 @@ import torch
 from safetensors import safe_open
 
 from upcycle.atomic import manifest_sha256
-from upcycle.config import ConfigError, ModelConfig, from_name
+from upcycle.config import ConfigError, Layout, ModelConfig, from_name
+from upcycle.conversion.budget import RankBudget, upcycle_budget
+from upcycle.conversion.distributed import upcycle_on_ranks
+from upcycle.conversion.group import RankGroup
+from upcycle.conversion.ranks import RankReport
+from upcycle.conversion.shards import check_layout
 from upcycle.dense import hf_io
 from upcycle.dense.hf_weights import CheckpointError, hf_shapes, to_hf, to_megatron
 from upcycle.dense.megatron_config import to_transformer_config
@@ -92,14 +101,30 @@ def _hf_getter(folder: Path, dense: ModelConfig) -> Getter:
     return get
 
 
-def _dense_source(dense: ModelConfig, path: Path) -> tuple[Getter, str]:
-    """A getter over the dense model's transformers-named tensors and the source's hash."""
+def _dense_source(dense: ModelConfig, path: Path) -> Getter:
+    """A getter over the dense model's transformers-named tensors."""
     if (path / "model.json").is_file():
         model = build_model(dense)
         load_checkpoint(model, path)
         state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-        return to_hf(dense, state).__getitem__, manifest_sha256(path)
-    return _hf_getter(path, dense), _sha256(path / "config.json")
+        return to_hf(dense, state).__getitem__
+    return _hf_getter(path, dense)
+
+
+def _lineage(settings: UpcycleSettings, dense: ModelConfig, path: Path, source_hash: str) -> dict:
+    return {
+        "method": settings.method,
+        "settings": dataclasses.asdict(settings),
+        "source": str(path.absolute()),
+        "source_model": dense.name,
+        "source_sha256": source_hash,
+    }
+
+
+def _source_hash(path: Path) -> str:
+    if (path / "model.json").is_file():
+        return manifest_sha256(path)
+    return _sha256(path / "config.json")
 
 
 def _sha256(path: Path) -> str:
@@ -169,14 +194,8 @@ def convert(
     dense, path = _describe(src)
     moe = target_config(target)
     with single_process(), torch.no_grad():
-        get, source_hash = _dense_source(dense, path)
-        lineage = {
-            "method": settings.method,
-            "settings": dataclasses.asdict(settings),
-            "source": str(path.absolute()),
-            "source_model": dense.name,
-            "source_sha256": source_hash,
-        }
+        get = _dense_source(dense, path)
+        lineage = _lineage(settings, dense, path, _source_hash(path))
         tensors = upcycle_hf(get, hf_shapes(dense), dense, moe, settings)
         if hf_dtype is not None:
             hf_io.write_hf_dir(
@@ -188,3 +207,42 @@ def convert(
         load_state(moe_model, to_megatron(moe, dict(tensors)))
         save_checkpoint(moe_model, moe, out, extra={LINEAGE: lineage})
     return moe
+
+
+def check_on_ranks(target: str, layout: Layout, workers: int) -> Layout:
+    """The layout resolved for `workers` ranks, checked against the target (named errors)."""
+    return check_layout(target_config(target), layout, workers)
+
+
+def on_ranks(
+    src: str,
+    target: str,
+    out: Path,
+    settings: UpcycleSettings,
+    layout: Layout,
+    workers: int,
+    *,
+    group: RankGroup | None = None,
+) -> tuple[ModelConfig, list[RankReport]]:
+    """Upcycle on `workers` ranks (Ray actors) of `layout`: our checkpoint at `out`, every rank
+    writing its shard; the ranks' reports (bytes read, held, written; peak memory)."""
+    validate(src, target, out, settings)
+    dense, path = _describe(src)
+    moe = target_config(target)
+    lineage = _lineage(settings, dense, path, _source_hash(path))
+    reports = upcycle_on_ranks(
+        path.absolute(), dense, moe, Path(out).absolute(), settings, layout, workers,
+        lineage=lineage, group=group,
+    )  # fmt: skip
+    return moe, reports
+
+
+def dry_run_on_ranks(
+    src: str, target: str, settings: UpcycleSettings, layout: Layout, workers: int
+) -> tuple[ModelConfig, list[RankBudget]]:
+    """Every rank's bytes read, held and written for the conversion (shapes only)."""
+    moe, _ = dry_run(src, target, settings)
+    dense, path = _describe(src)
+    ours = path is not None and (path / "model.json").is_file()
+    resolved = check_layout(moe, layout, workers)
+    return moe, upcycle_budget(dense, moe, resolved, source_is_ours=ours)

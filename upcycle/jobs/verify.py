@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from upcycle.config import ModelConfig
+from upcycle.conversion.hf_interop import transformers_twin
 from upcycle.dense.tokenizer import get_tokenizer
 from upcycle.moe import aux_loss
 from upcycle.moe.model import build_model
 from upcycle.moe.params import count_parameters
 from upcycle.platform.distributed import single_process
-from upcycle.platform.hf_interop import transformers_twin
 
 TOLERANCE = 1e-4  # fp32
 

@@ -110,8 +110,11 @@ def copies_needed(dense: ModelConfig, moe: ModelConfig) -> int:
 
 
 def _generator(seed: int, layer: int, stream: int) -> torch.Generator:
-    # Independent streams per layer and purpose: permutations do not depend on reinit_fraction.
-    return torch.Generator().manual_seed((seed * 1_000_003 + layer) * 8 + stream)
+    # Independent streams per layer and purpose (0 permutations, 2 router and shared expert,
+    # 3 added vocabulary rows, 4 + e expert e's re-initialisation; 1 was all experts' before
+    # they had one each): permutations do not depend on reinit_fraction, and a rank converting
+    # some experts draws only theirs.
+    return torch.Generator().manual_seed((seed * 1_000_003 + layer) * 1_000_003 + stream)
 
 
 def _fresh(shape, std: float, g: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -127,24 +130,25 @@ def _reinit(t: torch.Tensor, fraction: float, std: float, g: torch.Generator) ->
     return flat.view_as(t)
 
 
-def _experts_qwen2(gate, up, down, dense, moe, s, layer):
+def _experts_qwen2(gate, up, down, dense, moe, s, layer, experts):
     perms = _generator(s.seed, layer, 0)
     order = torch.cat([torch.randperm(dense.ffn_hidden_size, generator=perms)
                        for _ in range(copies_needed(dense, moe))])  # fmt: skip
     order = order.to(gate.device)
-    init = _generator(s.seed, layer, 1)
     h_e = moe.moe_ffn_hidden_size
-    for e in range(moe.num_experts):
+    for e in experts:
         units = order[e * h_e : (e + 1) * h_e]
         fc1 = torch.cat([gate[units], up[units]])
         fc2 = down[:, units]
         if s.reinit_fraction:
+            # a stream per expert: a rank holding some experts draws exactly their values
+            init = _generator(s.seed, layer, 4 + e)
             fc1 = _reinit(fc1, s.reinit_fraction, dense.init_std, init)
             fc2 = _reinit(fc2, s.reinit_fraction, dense.init_std, init)
-        yield fc1, fc2
+        yield e, fc1, fc2
 
 
-def _experts_granular(gate, up, down, dense, moe, s, layer):
+def _experts_granular(gate, up, down, dense, moe, s, layer, experts):
     h_e = moe.moe_ffn_hidden_size
     g = dense.ffn_hidden_size // h_e
     if moe.norm_topk_prob:
@@ -152,14 +156,14 @@ def _experts_granular(gate, up, down, dense, moe, s, layer):
     else:
         act = moe.num_experts * g / moe.moe_top_k
         fc1_scale = fc2_scale = act ** (1 / 3)
-    for e in range(moe.num_experts):
+    for e in experts:
         shard = slice((e % g) * h_e, (e % g + 1) * h_e)
-        yield torch.cat([gate[shard], up[shard]]) * fc1_scale, down[:, shard] * fc2_scale
+        yield e, torch.cat([gate[shard], up[shard]]) * fc1_scale, down[:, shard] * fc2_scale
 
 
-def _experts_sparse(gate, up, down, dense, moe, s, layer):
-    for _ in range(moe.num_experts):
-        yield torch.cat([gate, up]).clone(), down.clone()
+def _experts_sparse(gate, up, down, dense, moe, s, layer, experts):
+    for e in experts:
+        yield e, torch.cat([gate, up]).clone(), down.clone()
 
 
 _EXPERTS = {"qwen2": _experts_qwen2, "granular": _experts_granular, "sparse": _experts_sparse}
@@ -172,8 +176,11 @@ def upcycle_mlp(
     moe: ModelConfig,
     s: UpcycleSettings,
     layer: int,
+    experts: Iterable[int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One layer's MoE MLP tensors (names relative to `...mlp.`) from its dense FFN."""
+    """One layer's MoE MLP tensors (names relative to `...mlp.`) from its dense FFN: the router,
+    the shared expert and the routed `experts` (default all; a rank of a distributed conversion
+    asks for its own, and gets exactly the values a whole conversion gives them)."""
     f = dense.ffn_hidden_size
     gate, up = fc1[:f], fc1[f:]
     out: dict[str, torch.Tensor] = {}
@@ -184,8 +191,9 @@ def upcycle_mlp(
         out["router.weight"] = rows.repeat_interleave(f // moe.moe_ffn_hidden_size, dim=0)
     else:
         out["router.weight"] = _fresh((moe.num_experts, moe.hidden_size), s.router_std, fresh, fc1)
-    experts = _EXPERTS[s.method](gate, up, down=fc2, dense=dense, moe=moe, s=s, layer=layer)
-    for e, (e_fc1, e_fc2) in enumerate(experts):
+    chosen = range(moe.num_experts) if experts is None else experts
+    made = _EXPERTS[s.method](gate, up, fc2, dense, moe, s, layer, chosen)
+    for e, e_fc1, e_fc2 in made:
         out[f"experts.local_experts.{e}.linear_fc1.weight"] = e_fc1
         out[f"experts.local_experts.{e}.linear_fc2.weight"] = e_fc2
     h_s = moe.shared_expert_ffn_hidden_size
@@ -204,13 +212,29 @@ def upcycle_mlp(
     return out
 
 
-def _resize_rows(t: torch.Tensor, rows: int, std: float, seed: int) -> torch.Tensor:
-    """Padding rows (beyond the tokenizer's ids) dropped or added fresh: Qwen2-7B has 152,064,
-    Qwen2-57B-A14B 151,936."""
-    if rows <= t.shape[0]:
-        return t[:rows]
-    extra = _fresh((rows - t.shape[0], t.shape[1]), std, _generator(seed, -1, 3), t)
-    return torch.cat([t, extra])
+def resized_rows(
+    read: Callable[[int, int], torch.Tensor],
+    dense: ModelConfig,
+    moe: ModelConfig,
+    s: UpcycleSettings,
+    start: int,
+    stop: int,
+) -> torch.Tensor:
+    """Rows [start, stop) of the MoE's embedding or LM head from the dense one's (`read(a, b)`
+    gives its rows [a, b)): padding rows beyond the tokenizer's ids are dropped or added fresh
+    (Qwen2-7B has 152,064, Qwen2-57B-A14B 151,936)."""
+    have = dense.vocab_size
+    kept = read(start, min(stop, have)) if start < have else None
+    if stop <= have:
+        return kept
+    g = _generator(s.seed, -1, 3)  # the whole added block, so any slice of it is the same
+    extra = torch.randn((moe.vocab_size - have, moe.hidden_size), generator=g) * dense.init_std
+    extra = extra[max(start, have) - have : stop - have]
+    return extra if kept is None else torch.cat([kept, extra.to(kept.dtype)])
+
+
+def _row_reader(t: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    return lambda a, b: t[a:b]
 
 
 _HF_VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -228,7 +252,8 @@ def upcycle_hf(
     check_pair(dense, moe, s)
     for name in names:
         if name in _HF_VOCAB_ROWS and moe.vocab_size != dense.vocab_size:
-            yield name, _resize_rows(get(name), moe.vocab_size, dense.init_std, s.seed)
+            full = get(name)
+            yield name, resized_rows(_row_reader(full), dense, moe, s, 0, moe.vocab_size)
         elif ".mlp." not in name:
             yield name, get(name)
         elif name.endswith(".mlp.gate_proj.weight"):

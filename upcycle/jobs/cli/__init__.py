@@ -1,0 +1,12 @@
+"""The `upcycle` command line: thin typed functions over the jobs (their docstrings are --help).
+
+One module per command group; importing them registers their commands on `app`, in the order
+`upcycle --help` lists them (so the imports below keep their order).
+"""
+
+# isort: off
+from upcycle.jobs.cli.common import app
+from upcycle.jobs.cli import data, training, conversion, serving, evaluation, info  # noqa: F401
+# isort: on
+
+__all__ = ["app"]

@@ -1,0 +1,59 @@
+"""What every command module shares: the typer app and its groups, the console, error exits
+and `--address` (run this command line as a Ray job)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from upcycle.config import ConfigError, ModelConfig, from_name
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+model_app = typer.Typer(no_args_is_help=True, help="Inspect model presets.")
+checkpoint_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
+runs_app = typer.Typer(no_args_is_help=True, help="MLflow runs.")
+app.add_typer(model_app, name="model")
+app.add_typer(checkpoint_app, name="checkpoint")
+app.add_typer(data_app, name="data")
+app.add_typer(runs_app, name="runs")
+# Not a terminal (CI, pipes): wide enough that tables are not truncated.
+console = Console(width=None if sys.stdout.isatty() else 160)
+# megatron-core warns at import that Apex / Transformer Engine are absent: expected on CPU.
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+
+
+def parse_preset(name: str) -> ModelConfig:
+    try:
+        return from_name(name)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e), param_hint="PRESET") from None
+
+
+def parse_dtype(name: str):
+    import torch
+
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if name not in dtypes:
+        raise typer.BadParameter(f"{name!r}; allowed: {', '.join(dtypes)}", param_hint="--dtype")
+    return dtypes[name]
+
+
+def fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {escape(message)}")
+    raise typer.Exit(2)
+
+
+ADDRESS_HELP = "Ray dashboard URL (http://HOST:8265): run this command there as a Ray job"
+
+
+def submit_if_remote(address: str | None, extra: tuple[str, ...] = ()) -> None:
+    """With --address: run this command line as a Ray job there; exit with the job's status."""
+    if address:
+        from upcycle.jobs.submit import submit
+
+        raise typer.Exit(submit(address, [*sys.argv[1:], *extra], echo=console.print))

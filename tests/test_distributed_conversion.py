@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 from conftest import logits_of, randomise, tiny_qwen2, tiny_qwen2_moe
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from upcycle.config import ConfigError, Layout, from_name
@@ -133,6 +134,17 @@ def test_import_and_export_on_ranks_round_trip_transformers_moe(group, tmp_path)
         ours = build_model(cfg).eval()
         load_checkpoint(ours, tmp_path / ckpt)
         assert torch.allclose(logits_of(ours, tokens), want, atol=1e-5)
+    # the packed expert layout (gate_up_proj [E, 2I, H], down_proj [E, H, I]) sliced alike
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()},
+              tmp_path / "packed" / "model.safetensors")  # fmt: skip
+    _, packed = import_on_ranks(tmp_path / "packed", tmp_path / "from-packed", Layout(tp=2, ep=2),
+                                4, group=group)  # fmt: skip
+    assert packed[3].expert_reads[0][0].endswith("mlp.experts.gate_up_proj")
+    want_tensors = _tensors(cfg, tmp_path / "four")
+    got = _tensors(cfg, tmp_path / "from-packed")
+    assert all(torch.equal(got[k], v) for k, v in want_tensors.items())
     for report in four:  # experts 4 per EP rank, rows split between the 2 expert-TP ranks
         c = report.coords
         experts = {int(name.split(".")[5]) for name, _ in report.expert_reads}
@@ -141,10 +153,11 @@ def test_import_and_export_on_ranks_round_trip_transformers_moe(group, tmp_path)
             idx[0] for name, idx in report.expert_reads if name.endswith("gate_proj.weight")
         }
         assert gate_rows == {(16 * c.etp_rank, 16 * c.etp_rank + 16)}
-    export_on_ranks(tmp_path / "two", tmp_path / "back-from-two", Layout(tp=2, ep=2), 4,
-                    dtype=torch.float32, group=group)  # fmt: skip
-    export_on_ranks(tmp_path / "four", tmp_path / "back-from-four", Layout(pp=2), 2,
-                    dtype=torch.float32, group=group)  # fmt: skip
+    # no dtype given: the checkpoint's own (fp32), so the round trip is exact
+    _, dtype, _ = export_on_ranks(tmp_path / "two", tmp_path / "back-from-two", Layout(tp=2, ep=2),
+                                  4, group=group)  # fmt: skip
+    assert dtype == torch.float32
+    export_on_ranks(tmp_path / "four", tmp_path / "back-from-four", Layout(pp=2), 2, group=group)
     for back in ("back-from-two", "back-from-four"):
         model = AutoModelForCausalLM.from_pretrained(tmp_path / back, dtype=torch.float32).eval()
         with torch.no_grad():
@@ -160,7 +173,7 @@ def test_bad_input_is_refused_before_any_rank_starts(tmp_path, dense_ckpt):
         check_layout(MOE, Layout(pp=2, vpp=2), 2)
     tiny_qwen2_moe(tmp_path / "hf", seed=2)
     index = tmp_path / "hf" / "model.safetensors"
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     tensors = load_file(index)
     del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]

@@ -150,7 +150,10 @@ def test_training_loss_includes_the_aux_loss_gradient(tmp_path):
 def test_export_loads_in_transformers_with_same_logits(tmp_path, kind):
     hf = (tiny_qwen2 if kind == "dense" else tiny_qwen2_moe)(tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "ckpt")
-    export_hf(tmp_path / "ckpt", tmp_path / "out", dtype=torch.float32, max_shard_bytes=200_000)
+    # no dtype: the checkpoint's own (fp32 here), as transformers' save_pretrained keeps it
+    _, written = export_hf(tmp_path / "ckpt", tmp_path / "out", max_shard_bytes=200_000)
+    assert written == torch.float32
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # really sharded
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()

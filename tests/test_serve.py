@@ -181,6 +181,27 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
         assert error["param"] == param, error
 
 
+def test_openapi_document_lists_every_status_the_server_answers(server):
+    """The served /openapi.json: each completion endpoint documents 200 and every error status
+    the bad-request tests above get (with OpenAI's error body), and no 422 (validation errors
+    are 400s); the request schema carries the sampling ranges the server enforces."""
+    doc = requests.get(f"{server}/openapi.json", timeout=60).json()
+    produced = {str(status) for _, status, _ in BAD} | {"200"}
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = doc["paths"][path]["post"]["responses"]
+        assert produced <= set(responses) and "422" not in responses, (path, sorted(responses))
+        for status in set(responses) - {"200"}:
+            schema = responses[status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorBody"}
+    props = doc["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert (props["temperature"]["minimum"], props["temperature"]["maximum"]) == (0.0, 2.0)
+    assert props["top_p"]["exclusiveMinimum"] == 0.0 and props["top_p"]["maximum"] == 1.0
+    assert (
+        props["n"]["maximum"] == 1
+        and "model" in doc["components"]["schemas"]["CompletionRequest"]["required"]
+    )
+
+
 def test_prompt_longer_than_the_context_is_a_400(server):
     long_prompt = "word " * (CONTEXT + 10)
     r = requests.post(

@@ -25,7 +25,7 @@ from upcycle.conversion.reading import SafetensorsFolder, check_folder
 from upcycle.conversion.shards import check_layout
 from upcycle.dense import hf_io
 from upcycle.moe.upcycling import UpcycleSettings
-from upcycle.platform.checkpoint import MODEL_CONFIG, WEIGHTS, read_model_config
+from upcycle.platform.checkpoint import MODEL_CONFIG, WEIGHTS, read_model_config, weights_dtype
 
 
 def _on_group(group: RankGroup | None, layout: Layout, fn, *args) -> list[RankReport]:
@@ -100,13 +100,15 @@ def export_on_ranks(
     layout: Layout,
     workers: int,
     *,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     max_shard_bytes: int = 2 * 1024**3,
     group: RankGroup | None = None,
-) -> tuple[ModelConfig, list[RankReport]]:
-    """Our checkpoint -> a transformers folder: every rank loads its shards, TP pieces are
-    gathered in their group, each tensor is written once, one index over all ranks' files."""
+) -> tuple[ModelConfig, torch.dtype, list[RankReport]]:
+    """Our checkpoint -> a transformers folder in `dtype` (default: the checkpoint's own):
+    every rank loads its shards, TP pieces are gathered in their group, each tensor is written
+    once, one index over all ranks' files."""
     cfg = read_model_config(ckpt)
+    dtype = dtype or weights_dtype(ckpt)
     layout = check_layout(cfg, layout, workers)
     _refuse_existing(out)
     described: dict = {}
@@ -117,7 +119,7 @@ def export_on_ranks(
         for r in reports:
             described |= {renamed[name]: entry for name, entry in r.files.items()}
         hf_io.write_hf_config(tmp, cfg, dtype)
-    return cfg, reports
+    return cfg, dtype, reports
 
 
 def _refuse_existing(out: Path) -> None:

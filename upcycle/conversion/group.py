@@ -8,7 +8,8 @@ on as few nodes as fit), and for each job a fresh torch.distributed group over t
 only, also on GPU clusters) with megatron-core's parallel state for the job's layout. A group is
 reused across jobs of any world size up to its size (the tests run many layouts on one group).
 If any rank fails, every actor is killed (the others would wait in a collective forever) and
-`RankFailed` names the first rank that failed and why.
+`RankFailed` names the rank and why: one whose process died if there is one (its peers then
+fail in their collectives too), else the first to raise.
 """
 
 from __future__ import annotations
@@ -118,19 +119,17 @@ class RankGroup:
             task = progress.add_task(f"{fn.__name__} on {world} ranks", total=world)
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                try:
-                    ray.get(done[0])
-                except ray.exceptions.RayTaskError as e:
-                    cause = getattr(e, "cause", None) or e
-                    self._fail(rank_of[done[0]], world, f"{type(cause).__name__}: {cause}")
-                except ray.exceptions.RayError as e:  # the actor died: killed, OOM, node lost
-                    self._fail(rank_of[done[0]], world, f"its process died ({type(e).__name__})")
+                if (failure := _failure(done[0])) is not None:
+                    # a rank that dies makes its peers fail in their collectives: wait a moment
+                    # for the others and name a rank whose process died before a peer's error
+                    late, _ = ray.wait(pending, num_returns=len(pending), timeout=5)
+                    failures = [(rank_of[done[0]], failure)]
+                    failures += [(rank_of[r], f) for r in late if (f := _failure(r)) is not None]
+                    rank, (_, cause) = min(failures, key=lambda x: (not x[1][0], x[0]))
+                    self.close()
+                    raise RankFailed(rank, world, cause)
                 progress.advance(task)
         return ray.get(refs)
-
-    def _fail(self, rank: int, world: int, cause: str) -> None:
-        self.close()
-        raise RankFailed(rank, world, cause)
 
     def close(self) -> None:
         if self._closed:
@@ -145,3 +144,15 @@ class RankGroup:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _failure(ref) -> tuple[bool, str] | None:
+    """None if the call succeeded; else (whether the rank's process died, what happened)."""
+    try:
+        ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None) or e
+        return False, f"{type(cause).__name__}: {cause}"
+    except ray.exceptions.RayError as e:  # the actor died: killed, OOM-killed, node lost
+        return True, f"its process died ({type(e).__name__})"
+    return None

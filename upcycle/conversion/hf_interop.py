@@ -14,6 +14,7 @@ from upcycle.platform.checkpoint import (
     load_state,
     read_model_config,
     save_checkpoint,
+    weights_dtype,
 )
 from upcycle.platform.distributed import single_process
 
@@ -56,14 +57,17 @@ def export_hf(
     ckpt_dir: Path,
     out_dir: Path,
     *,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     max_shard_bytes: int = 2 * 1024**3,
-) -> ModelConfig:
-    """Write our checkpoint as a transformers folder (per-expert layout for MoE)."""
+) -> tuple[ModelConfig, torch.dtype]:
+    """Write our checkpoint as a transformers folder (per-expert layout for MoE), in `dtype`
+    (default: the checkpoint's own, as transformers' save_pretrained keeps the model's); the
+    config and the dtype written."""
     cfg = read_model_config(ckpt_dir)
+    dtype = dtype or weights_dtype(ckpt_dir)
     with single_process():
         model = build_model(cfg)
         load_checkpoint(model, ckpt_dir)
         tensors = hf_tensors(cfg, model)
     hf_io.write_hf_dir(cfg, tensors, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
-    return cfg
+    return cfg, dtype

@@ -29,6 +29,33 @@ class OpenAIError(Exception):
         }
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: Literal["invalid_request_error", "server_error"]
+    param: str | None = None  # the request field at fault, e.g. "max_tokens"
+    code: str | None = None  # e.g. "model_not_found"
+
+
+class ErrorBody(BaseModel):
+    """What every error answer carries (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
+def _error(description: str) -> dict:
+    return {"model": ErrorBody, "description": description}
+
+
+# Every status the completion endpoints answer besides 200, for the OpenAPI document (FastAPI's
+# default 422 never happens: validation errors are 400s, see `validation_error`).
+COMPLETION_ERRORS = {
+    400: _error("Invalid request: not JSON, a missing or out-of-range field, an unsupported "
+                "option, or a prompt + max_tokens beyond the context; `param` names the field"),
+    404: _error("`model` is not the model this server has (GET /v1/models lists it)"),
+    503: _error("The model replica died mid-request and no other could finish it; retry"),
+}  # fmt: skip
+
+
 def validation_error(errors: list[dict]) -> OpenAIError:
     """A 400 naming the first invalid field of a request (pydantic's error list)."""
     first = errors[0]
@@ -45,19 +72,21 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    model: str = Field(description="the served model's name, as GET /v1/models lists it (else 404)")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="at most the context length minus the prompt's tokens"
+    )
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # not OpenAI's; as vLLM offers it
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=1, description="one completion per request")
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None, description="up to 4 non-empty strings")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    logprobs: bool | int | None = Field(default=None, description="not supported: leave unset")
+    presence_penalty: float = Field(default=0.0, description="not supported: leave at 0")
+    frequency_penalty: float = Field(default=0.0, description="not supported: leave at 0")
 
     @model_validator(mode="after")
     def _supported(self):

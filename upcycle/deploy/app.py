@@ -27,6 +27,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
@@ -52,6 +53,24 @@ async def _invalid(_request: Request, exc: RequestValidationError) -> JSONRespon
 @http.exception_handler(OpenAIError)
 async def _openai_error(_request: Request, exc: OpenAIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def _openapi() -> dict:
+    """FastAPI's document without the 422 it adds to every endpoint with a body: this server
+    answers validation errors with 400 and OpenAI's error body (documented per endpoint)."""
+    if http.openapi_schema is None:
+        doc = get_openapi(title=http.title, version=http.version, description=http.description,
+                          routes=http.routes)  # fmt: skip
+        for path in doc["paths"].values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for unused in ("HTTPValidationError", "ValidationError"):
+            doc.get("components", {}).get("schemas", {}).pop(unused, None)
+        http.openapi_schema = doc
+    return http.openapi_schema
+
+
+http.openapi = _openapi
 
 
 def _engine_limits(ckpt: str) -> tuple[int, tuple[int, ...]]:
@@ -124,7 +143,7 @@ class Ingress:
         entry = {"id": self.model, "object": "model", "created": 0, "owned_by": "upcycle"}
         return {"object": "list", "data": [entry]}
 
-    @http.post("/v1/completions")
+    @http.post("/v1/completions", responses=api.COMPLETION_ERRORS)
     async def completions(self, req: api.CompletionRequest):
         prompt = req.text()
         ids = self.tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -140,7 +159,7 @@ class Ingress:
         text, finish, use = await self._collect(ids, params)
         return api.completion(rid, self.model, text, finish, use)
 
-    @http.post("/v1/chat/completions")
+    @http.post("/v1/chat/completions", responses=api.COMPLETION_ERRORS)
     async def chat(self, req: api.ChatRequest):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         ids = self.tok.apply_chat_template(messages)

@@ -78,6 +78,23 @@ def check_metadata(weights_dir: Path) -> None:
             raise CheckpointError(f"{path}: unsafe or corrupt checkpoint metadata ({e})") from e
 
 
+def weights_dtype(ckpt_dir: Path) -> torch.dtype:
+    """The dtype the checkpoint's model weights are stored in (from the dist-checkpoint metadata,
+    read with the allow-list unpickler; optimizer state, fp32 in mixed precision, not counted)."""
+    weights = Path(ckpt_dir) / WEIGHTS
+    check_metadata(weights)
+    with open(weights / _DCP_METADATA, "rb") as f:
+        entries = _MetadataUnpickler(f).load().state_dict_metadata
+    counts: dict[torch.dtype, int] = {}
+    for key, entry in entries.items():
+        dtype = getattr(getattr(entry, "properties", None), "dtype", None)
+        if dtype is not None and dtype.is_floating_point and not key.startswith("optimizer."):
+            counts[dtype] = counts.get(dtype, 0) + 1
+    if not counts:
+        raise CheckpointError(f"{ckpt_dir}: no floating-point model weights in its metadata")
+    return max(counts, key=counts.get)
+
+
 def save_checkpoint(
     model: GPTModel, cfg: ModelConfig, out_dir: Path, *, extra: dict[str, dict] | None = None
 ) -> Path:

@@ -4,7 +4,6 @@ and `--address` (run this command line as a Ray job)."""
 from __future__ import annotations
 
 import sys
-import warnings
 
 import typer
 from rich.console import Console
@@ -23,8 +22,6 @@ app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
 # Not a terminal (CI, pipes): wide enough that tables are not truncated.
 console = Console(width=None if sys.stdout.isatty() else 160)
-# megatron-core warns at import that Apex / Transformer Engine are absent: expected on CPU.
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
 
 def parse_preset(name: str) -> ModelConfig:

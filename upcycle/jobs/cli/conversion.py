@@ -88,7 +88,9 @@ def import_hf(
 def export_hf(
     ckpt_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="our checkpoint"),
     out_dir: Path = typer.Argument(..., help="new folder for the transformers checkpoint"),
-    dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32"),
+    dtype: str = typer.Option(
+        None, help="bfloat16, float16 or float32 (default: the checkpoint's own dtype)"
+    ),
     max_shard_gib: float = typer.Option(2.0, help="shard size limit in GiB"),
     workers: int = typer.Option(0, help=WORKERS_HELP),
     layout: str = typer.Option(None, help=LAYOUT_HELP),
@@ -100,23 +102,23 @@ def export_hf(
 
     try:
         ranks = _ranks(workers, layout)
-        kw = dict(dtype=parse_dtype(dtype), max_shard_bytes=int(max_shard_gib * 2**30))
+        kw = dict(dtype=dtype and parse_dtype(dtype), max_shard_bytes=int(max_shard_gib * 2**30))
         if ranks is None:
             from upcycle.conversion.hf_interop import export_hf as run
 
-            cfg = run(ckpt_dir, out_dir, **kw)
+            cfg, written = run(ckpt_dir, out_dir, **kw)
         else:
             from upcycle.conversion.distributed import export_on_ranks
             from upcycle.platform.cluster import ensure_ray
 
             ensure_ray()
-            cfg, reports = export_on_ranks(ckpt_dir, out_dir, ranks, workers, **kw)
+            cfg, written, reports = export_on_ranks(ckpt_dir, out_dir, ranks, workers, **kw)
             _print_ranks(reports)
     except (CheckpointError, ConfigError, IntegrityError, FileExistsError) as e:
         fail(str(e))
     except RankFailed as e:
         _rank_failure(e)
-    console.print(f"exported {cfg.name} -> {out_dir}")
+    console.print(f"exported {cfg.name} -> {out_dir} ({str(written).removeprefix('torch.')})")
 
 
 @app.command()

@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]' 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import torch, megatron.core, upcycle; print('torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| upcycle', upcycle.__version__)"
+.venv/bin/python -c "import upcycle, torch, megatron.core; print('torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| upcycle', upcycle.__version__)"

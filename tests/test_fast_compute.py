@@ -109,6 +109,22 @@ def test_fused_experts_equal_sequential_mlp(skewed):
             assert not grads[f"experts.local_experts.{e}.linear_fc1.weight"].any()
 
 
+def test_fused_experts_without_tokens_keep_tokens_and_probs_in_the_graph():
+    """A rank whose local experts get no token in a layer (an untrained router sends them all
+    elsewhere) must still run the backward of the dispatcher's token and probability
+    all-to-alls, or its peers wait in one while it enters the other (gloo: "Received data size
+    doesn't match expected size"): both inputs get (empty) gradients, as with SequentialMLP."""
+    mlp, cfg = _moe_layer()
+    for cls in (FusedSequentialMLP, SequentialMLP):
+        mlp.experts.__class__ = cls
+        x = torch.zeros(0, cfg.hidden_size, requires_grad=True)
+        probs = torch.zeros(0, requires_grad=True)
+        out, _ = mlp.experts(x, torch.zeros(cfg.num_experts, dtype=torch.long), probs)
+        dx, dprobs = torch.autograd.grad(out.sum(), [x, probs])
+        assert dx.shape == x.shape and dprobs.shape == probs.shape, cls
+    mlp.experts.__class__ = FusedSequentialMLP
+
+
 def test_fused_experts_inference_paths_agree(monkeypatch):
     """Without autograd, a few tokens per expert go expert by expert (a decode step reads only
     the experts it uses, no padding), many through the bucketed GEMMs; both equal SequentialMLP."""

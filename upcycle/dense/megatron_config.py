@@ -101,6 +101,9 @@ def to_transformer_config(
         # activations to later micro-batches (losses off by 1e-3 vs one process; forward-only
         # was exact); separate isend/irecv calls are exact. NCCL keeps the batched form.
         batch_p2p_comm=runtime.has_cuda(),
+        # megatron-core 0.16.1's default "full" warns, on every config, that it is deprecated
+        # in favour of [] (the same: CUDA graphs, if enabled, capture the whole layer)
+        cuda_graph_scope=[],
         **moe,
         **fp8_args,
     )

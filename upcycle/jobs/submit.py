@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import upcycle
+from upcycle.platform.cluster import WORKER_ENV
 from upcycle.platform.tracking import default_tracking_uri
 
 AGENT_WAIT_S = 120  # how long a freshly started head may take to accept jobs
@@ -52,6 +53,7 @@ def submit(address: str, argv: list[str], *, echo=print) -> int:
     client = JobSubmissionClient(address)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env["MLFLOW_TRACKING_URI"] = default_tracking_uri()
+    env |= WORKER_ENV
     command = shlex.join(["python", "-m", "upcycle.jobs.cli", *without_address(argv)])
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:

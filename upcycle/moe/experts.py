@@ -167,7 +167,11 @@ class FusedSequentialMLP(SequentialMLP):
         x = permuted_local_hidden_states
         flat, counts = x.reshape(-1, x.shape[-1]), tokens_per_expert.tolist()
         if not flat.shape[0]:
-            return x.clone(), None
+            # no token for any local expert: an empty output that still depends on the tokens
+            # and on their probabilities, so that the backward of both of the dispatcher's
+            # all-to-alls runs on this rank too (its peers wait in them; SequentialMLP keeps
+            # both in the graph the same way)
+            return (flat * permuted_probs.reshape(-1, 1).to(flat.dtype)).view_as(x), None
         plan = GroupPlan.of(counts, flat.device)
         if not torch.is_grad_enabled() and plan.rows > 2 * flat.shape[0]:
             # mostly padding (decode steps: a few tokens per expert): each used expert alone

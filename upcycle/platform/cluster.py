@@ -14,11 +14,16 @@ import tempfile
 
 import ray
 
+# For every worker of our jobs, local or submitted: Ray Train's print patch sends a worker's
+# print to a logger with a console handler *and*, when sys.stdout is wrapped (it is in Ray
+# workers), to the original print as well, so every training step line appeared twice.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 LOCAL_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180",
+    **WORKER_ENV,
 }
 
 

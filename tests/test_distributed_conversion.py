@@ -47,7 +47,9 @@ LAYOUTS = {  # (layout, ranks)
 
 @pytest.fixture(scope="module")
 def group(ray_cluster):
-    with RankGroup(4) as g:
+    # half a CPU per rank: the session's test cluster has 4 CPUs and an earlier module may
+    # still hold one; a short wait, so a cluster that cannot place them fails fast
+    with RankGroup(4, cpus_per_rank=0.5, wait_s=60) as g:
         yield g
 
 

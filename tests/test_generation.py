@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import tiny_qwen2, tiny_qwen2_moe
 
+from upcycle import runtime
 from upcycle.conversion.hf_interop import import_hf
 from upcycle.dense.tokenizer import get_tokenizer
 from upcycle.deploy.engine import Engine
@@ -172,6 +173,7 @@ def test_seeded_sampling_repeats_and_other_seeds_differ(model):
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
+@pytest.mark.skipif(not runtime.bf16_supported(), reason="no native bf16 (AVX512-BF16/AMX) here")
 def test_bf16_serving_against_transformers_bf16(model):
     """engine.dtype bfloat16 (bf16 weights and KV cache, fp32 logits and sampling) against
     transformers in bf16 on the same weights, prefill and then decode steps off the cache. Tolerance: along transformers' bf16 greedy

@@ -86,7 +86,6 @@ def import_on_ranks(
     cfg = hf_io.read_hf_config(hf_dir)
     layout = check_layout(cfg, layout, workers)
     check_hf_source(hf_dir, cfg)
-    _refuse_existing(out)
 
     def run(staging: str) -> list[RankReport]:
         return _on_group(group, layout, ranks.import_rank, str(hf_dir), cfg, layout, staging)
@@ -110,7 +109,6 @@ def export_on_ranks(
     cfg = read_model_config(ckpt)
     dtype = dtype or weights_dtype(ckpt)
     layout = check_layout(cfg, layout, workers)
-    _refuse_existing(out)
     described: dict = {}
     with atomic_directory(out, described=described) as tmp:
         args = (str(ckpt), cfg, layout, str(tmp), dtype, max_shard_bytes)
@@ -120,8 +118,3 @@ def export_on_ranks(
             described |= {renamed[name]: entry for name, entry in r.files.items()}
         hf_io.write_hf_config(tmp, cfg, dtype)
     return cfg, dtype, reports
-
-
-def _refuse_existing(out: Path) -> None:
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new output folder")

@@ -269,7 +269,10 @@ def _serve_and_chat(ckpt: Path, prompt: str, console: Console) -> str:
         response.raise_for_status()
         reply = response.json()
     finally:
-        serve.shutdown()
+        # delete our application, not the Serve instance: serve.shutdown() kills the controller
+        # while its own graceful_shutdown call is pending (the raylet then reports that task as
+        # failed); the controller and proxy go with the in-process cluster, or stay on a shared one
+        serve.delete(spec.app_name)
     text = reply["choices"][0]["message"]["content"]
     console.print(f"POST {url}/v1/chat/completions -> {reply['usage']}")
     console.print(f"[bold]user:[/bold] {prompt}\n[bold]tiny-moe:[/bold] {text!r}")

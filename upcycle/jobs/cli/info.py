@@ -70,20 +70,23 @@ def plan(
     table = Table(title=f"{model} on {gpus} x {gpu_memory:g} GiB, seq {seq_len}, micro-batch "
                         f"{micro_batch}, global batch {global_batch} (GiB per GPU)")  # fmt: skip
     for col in ("rank", "tp", "pp", "ep", "etp", "dp", "dist opt", "recompute", "weights",
-                "grads", "optim", "activ", "total", "step s", "tok/s/GPU"):  # fmt: skip
+                "grads", "optim", "activ", "total", "expert GEMM", "step s", "MFU", "tok/s/GPU"):  # fmt: skip
         table.add_column(col, justify="right")
     for i, p in enumerate(found[:top], start=1):
         m, lay = p.memory, p.layout
         opt = m.optimizer_distributed if p.distributed_optimizer else m.optimizer
         act = m.activations_recompute if p.recompute else m.activations
+        gemm = f"{p.expert_gemm[0]:,.0f} x {p.expert_gemm[1]}" if p.expert_gemm else "-"
         table.add_row(
             str(i), str(lay.tp), str(lay.pp), str(lay.ep), str(lay.expert_tp), str(lay.dp),
             "yes" if p.distributed_optimizer else "no", "yes" if p.recompute else "no",
-            gib(m.weights), gib(m.grads), gib(opt), gib(act + m.logits), gib(p.bytes),
-            f"{p.step_seconds:.2f}", f"{p.tokens_per_gpu_s:,.0f}",
+            gib(m.weights), gib(m.grads), gib(opt), gib(act + m.logits), gib(p.bytes), gemm,
+            f"{p.step_seconds:.2f}", f"{p.mfu:.0%}", f"{p.tokens_per_gpu_s:,.0f}",
         )  # fmt: skip
     console.print(table)
-    console.print(f"{len(found)} layouts fit; cost model and assumptions: upcycle/platform/plan.py")
+    console.print(f"{len(found)} layouts fit. expert GEMM: rows per local expert per micro-batch x "
+                  "width; step s and MFU from a GEMM-shape cost model of H100 bf16 (assumptions: "
+                  "upcycle/platform/plan.py)")  # fmt: skip
 
 
 @app.command()

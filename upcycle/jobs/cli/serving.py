@@ -64,4 +64,4 @@ def serve(
     except KeyboardInterrupt:
         from ray import serve as ray_serve
 
-        ray_serve.shutdown()
+        ray_serve.delete(parsed.app_name)  # the app only (see jobs/pipeline.py)

@@ -16,10 +16,14 @@ model_app = typer.Typer(no_args_is_help=True, help="Inspect model presets.")
 checkpoint_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
 runs_app = typer.Typer(no_args_is_help=True, help="MLflow runs.")
+synthesize_app = typer.Typer(
+    no_args_is_help=True, help="Machine-made post-training data (rejection sampling)."
+)
 app.add_typer(model_app, name="model")
 app.add_typer(checkpoint_app, name="checkpoint")
 app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
+app.add_typer(synthesize_app, name="synthesize")
 # Not a terminal (CI, pipes): wide enough that tables are not truncated.
 console = Console(width=None if sys.stdout.isatty() else 160)
 

@@ -1,0 +1,100 @@
+"""Verifiers: does a generated answer solve its task? The rejection-sampling filter.
+
+- `exact`: math-style tasks with one final answer. The sample's answer is its last \\boxed{...}
+  if it has one, else its last number; the task's `answer` is the answer itself (or a \\boxed{}
+  one). Numbers compare as exact fractions ("1,000" = "1000.0", "0.5" = "1/2"), anything else
+  as text (case and surrounding spaces, `$` and a final period ignored).
+- `execution`: code tasks. The program is the task's `code_prefix` (e.g. HumanEval's function
+  signature) + the sample (its first ```python block if it has one), run in `sandbox` with the
+  task's `tests` (statements such as asserts); the score is the share of tests passed and the
+  sample is accepted when all pass.
+A task is one record of a generated file: its fields (`answer`, or `tests` and `code_prefix`)
+travel with the prompt from the prompts file through `upcycle generate`.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+
+from upcycle.synthesis.sandbox import DEFAULT_LIMITS, Limits, run_program
+
+VERIFIERS = ("exact", "execution")
+
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
+_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    score: float  # 1.0 / 0.0 for exact; share of tests passed for execution
+    detail: str = ""
+
+
+def boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} in `text` (nested braces allowed), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None
+
+
+def final_answer(text: str) -> str | None:
+    """What `exact` compares: the last \\boxed{} content, else the last number, else None."""
+    if (inside := boxed(text)) is not None:
+        return inside.strip()
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def _canonical(answer: str) -> Fraction | str:
+    cleaned = answer.strip().strip("$").rstrip(".").strip().replace(",", "")
+    try:
+        return Fraction(cleaned)
+    except (ValueError, ZeroDivisionError):
+        return " ".join(cleaned.lower().split())
+
+
+def verify_exact(sample: str, task: dict) -> Verdict:
+    if "answer" not in task:
+        raise ValueError("answer: the exact verifier needs each prompt's 'answer'")
+    got = final_answer(sample)
+    want = boxed(str(task["answer"])) or str(task["answer"])  # the reference is the answer
+    ok = got is not None and _canonical(got) == _canonical(want)
+    return Verdict(ok, float(ok), f"answer {got!r}, expected {want!r}")
+
+
+def program_of(sample: str, task: dict) -> str:
+    """The code a sample stands for: its first fenced block if any, after the task's prefix."""
+    fenced = _FENCE.search(sample)
+    code = fenced.group(1) if fenced else sample
+    return task.get("code_prefix", "") + code
+
+
+def verify_execution(sample: str, task: dict, limits: Limits = DEFAULT_LIMITS) -> Verdict:
+    tests = task.get("tests")
+    if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
+        raise ValueError("tests: the execution verifier needs each prompt's 'tests' (statements)")
+    outcome = run_program(program_of(sample, task), tests, limits)
+    return Verdict(outcome.status == "passed", outcome.score,
+                   f"{outcome.status}: {outcome.passed}/{outcome.total} tests"
+                   + (f"; {outcome.error}" if outcome.error else ""))  # fmt: skip
+
+
+def verifier(name: str, limits: Limits = DEFAULT_LIMITS) -> Callable[[str, dict], Verdict]:
+    """The verifier called `name` (execution programs run under `limits`); a ValueError naming
+    the known ones otherwise."""
+    if name == "exact":
+        return verify_exact
+    if name == "execution":
+        return functools.partial(verify_execution, limits=limits)
+    raise ValueError(f"verifier: unknown {name!r}; use one of {', '.join(VERIFIERS)}")

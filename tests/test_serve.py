@@ -5,6 +5,7 @@ which an engine replica is killed."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -283,6 +284,60 @@ def test_parallel_replica_gives_the_same_greedy_tokens(server, checkpoint, layou
         assert r.choices[0].text == _local_greedy(checkpoint, ids, 16)
     finally:
         serve.delete(name)
+
+
+def _generated(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_batch_generation_is_seeded_across_workers_and_greedy_matches_serve(
+    server, checkpoint, tmp_path
+):
+    """`upcycle generate` on a Ray Data actor pool: K seeded samples per prompt are the same
+    with 1 and 2 workers; greedy samples are what the served chat endpoint answers."""
+    from upcycle.jobs.synthesize import run_generate
+    from upcycle.synthesis.generation import GenerateSpec
+
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"prompt": [{"role": "user", "content": f"Count to {i}."}], "id": i}
+               for i in range(10)] + [{"prompt": "def add(a, b):\n", "id": "raw"}]  # fmt: skip
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    engine = {"max_model_len": CONTEXT, "max_num_seqs": 8, "threads": 1, "cpus_per_rank": 0.5}
+    spec = GenerateSpec(samples=3, temperature=1.0, max_tokens=12, seed=7)
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}.jsonl"
+        done = run_generate(str(checkpoint), prompts, out, spec, workers=workers, engine=engine)
+        assert (done.prompts, done.samples) == (11, 33) and done.tokens_per_s > 0
+        runs[workers] = _generated(out)
+    assert runs[1] == runs[2]
+    rows = runs[1]
+    assert [r["id"] for r in rows] == [r["id"] for r in records]  # order and fields kept
+    for r in rows:
+        assert len(r["samples"]) == 3
+        for s in r["samples"]:
+            assert 1 <= s["completion_tokens"] <= 12 and s["finish_reason"] in ("stop", "length")
+            assert s["logprob"] < 0 and math.isfinite(s["logprob"])
+    assert any(len({s["text"] for s in r["samples"]}) > 1 for r in rows)  # samples differ
+    greedy = GenerateSpec(samples=1, temperature=0.0, max_tokens=12)
+    run_generate(str(checkpoint), prompts, tmp_path / "greedy.jsonl", greedy, workers=1,
+                 engine=engine)  # fmt: skip
+    for r in _generated(tmp_path / "greedy.jsonl")[:3]:
+        served = _client(server).chat.completions.create(
+            model=MODEL, messages=r["prompt"], max_tokens=12, temperature=0
+        )
+        assert r["samples"][0]["text"] == served.choices[0].message.content
+    # bad input is refused before any actor starts
+    with pytest.raises(ValueError, match="samples: must be >= 1"):
+        run_generate(str(checkpoint), prompts, tmp_path / "x.jsonl",
+                     GenerateSpec(samples=0), workers=1, engine=engine)  # fmt: skip
+    with pytest.raises(ValueError, match="temperature: must be in"):
+        GenerateSpec(temperature=3.0).check()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: 'prompt'"):
+        run_generate(str(checkpoint), bad, tmp_path / "y.jsonl", spec, workers=1, engine=engine)
+    assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "y.jsonl").exists()
 
 
 def _stats():

@@ -73,7 +73,7 @@ def _openapi() -> dict:
 http.openapi = _openapi
 
 
-def _engine_limits(ckpt: str) -> tuple[int, tuple[int, ...]]:
+def engine_limits(ckpt: str) -> tuple[int, tuple[int, ...]]:
     from upcycle.dense.tokenizer import get_tokenizer
     from upcycle.platform.checkpoint import read_model_config
 
@@ -92,7 +92,7 @@ class EngineReplica:
         from upcycle.deploy.runner import ModelRunner, RunnerConfig
 
         rc = RunnerConfig(**runner)
-        vocab_limit, eos = _engine_limits(ckpt)
+        vocab_limit, eos = engine_limits(ckpt)
         self.engine = AsyncEngine(
             lambda: ModelRunner(Path(ckpt), rc).forward,
             max_num_seqs=rc.max_num_seqs,
@@ -131,7 +131,7 @@ class Ingress:
 
         self.engine, self.model, self.retries = engine, model, retries
         self.max_model_len = runner["max_model_len"]
-        self.vocab_limit, _ = _engine_limits(ckpt)
+        self.vocab_limit, _ = engine_limits(ckpt)
         self.tok = get_tokenizer()
 
     @http.get("/health")

@@ -37,6 +37,7 @@ class Output:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None (more to come)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprob: float | None = None  # of this step's token, when the request asked for logprobs
 
 
 @dataclass(eq=False)
@@ -141,6 +142,9 @@ class Engine:
             logits = logits[[i for i, _ in ready]]
         tokens = sample(logits, [s.params for _, s in ready], [s.generator for _, s in ready])
         outputs = [self._advance(seq, tok) for (_, seq), tok in zip(ready, tokens, strict=True)]
+        for row, ((_, seq), out) in enumerate(zip(ready, outputs, strict=True)):
+            if seq.params.logprobs:  # the model's own distribution, whatever the sampling
+                out.logprob = torch.log_softmax(logits[row], -1)[out.token_ids[0]].item()
         self._release()
         return outputs
 

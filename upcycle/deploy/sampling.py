@@ -23,6 +23,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
     stop_token_ids: tuple[int, ...] = field(default=())  # besides the model's end tokens
     ignore_eos: bool = False
+    logprobs: bool = False  # report each sampled token's log-probability (under temperature 1)
 
     def check(self) -> None:
         """Raise ValueError naming the field for values outside what OpenAI's API allows."""

@@ -1,11 +1,20 @@
-"""`upcycle synthesize rejection`: verify generated samples, write SFT/DPO data, track the run."""
+"""`upcycle generate` and `upcycle synthesize rejection`: sample at scale, then keep what a
+verifier accepts as SFT/DPO data (tracked in MLflow)."""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
+from upcycle.platform.data import DataError
 from upcycle.platform.tracking import RunTracker, default_tracking_uri
+from upcycle.synthesis.generation import (
+    Generated,
+    GenerateSpec,
+    generate,
+    prompt_ids,
+    read_prompts,
+)
 from upcycle.synthesis.rejection import Rejection, read_generated, reject, write
 from upcycle.synthesis.sandbox import DEFAULT_LIMITS, Limits
 from upcycle.synthesis.verifiers import verifier
@@ -47,3 +56,32 @@ def run_rejection(
     tracker.log_artifact(Path(out) / "report.json")
     tracker.close()
     return result
+
+
+def run_generate(
+    model: str, prompts_path: Path, out: Path, spec: GenerateSpec, *, workers: int, engine: dict
+) -> Generated:
+    """`upcycle generate`: every check (spec, prompts, model, engine, prompt lengths) before
+    any actor starts, then batch generation on the connected Ray cluster (generation.py)."""
+    from upcycle.deploy.app import engine_limits, resolve_model
+    from upcycle.deploy.engine import check_request
+    from upcycle.deploy.spec import ServeSpec
+
+    spec.check()
+    if workers < 1:
+        raise ValueError(f"workers: must be >= 1, got {workers}")
+    prompts = read_prompts(Path(prompts_path))
+    serve_spec = ServeSpec.parse({"model": model, "engine": engine}, "command line")
+    ckpt, _cfg = resolve_model(serve_spec)
+    rc = serve_spec.engine
+    vocab_limit, _ = engine_limits(str(ckpt))
+    for i, record in enumerate(prompts):
+        try:
+            check_request(prompt_ids(record), spec.params(i, 0), max_model_len=rc.max_model_len,
+                          vocab_limit=vocab_limit)  # fmt: skip
+        except ValueError as e:
+            raise DataError(f"{prompts_path}: prompt {i + 1}: {e}") from None
+    from upcycle.platform.cluster import ensure_ray
+
+    ensure_ray()
+    return generate(ckpt, rc.model_dump(), prompts, spec, Path(out), workers=workers)

@@ -1,4 +1,5 @@
-"""`upcycle synthesize rejection`: machine-made post-training data from generated samples."""
+"""`upcycle generate` (batch sampling) and `upcycle synthesize rejection` (post-training data
+from the samples a verifier accepts)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ from pathlib import Path
 
 import typer
 
-from upcycle.jobs.cli.common import console, fail, synthesize_app
+from upcycle.jobs.cli.common import (
+    ADDRESS_HELP,
+    app,
+    console,
+    fail,
+    submit_if_remote,
+    synthesize_app,
+)
 
 
 @synthesize_app.command("rejection")
@@ -34,4 +42,41 @@ def rejection(
         f"{r['accepted']} of {r['samples']} samples accepted ({r['acceptance_rate']:.0%}) over "
         f"{r['prompts']} prompts; {r['sft_conversations']} SFT conversations, "
         f"{r['dpo_pairs']} DPO pairs in {out}"
+    )
+
+
+@app.command("generate")
+def generate(
+    model: str = typer.Argument(..., help="what `upcycle serve --model` accepts"),
+    prompts: Path = typer.Argument(..., help='JSONL: {"prompt": text or messages, ...}'),
+    out: Path = typer.Argument(..., help="new JSONL file: each prompt with its samples"),
+    samples: int = typer.Option(1, help="samples per prompt (K)"),
+    temperature: float = typer.Option(1.0, help="0: greedy; up to 2"),
+    top_p: float = typer.Option(1.0),
+    max_tokens: int = typer.Option(256, help="completion tokens per sample"),
+    seed: int = typer.Option(0, help="the same seed gives the same samples"),
+    workers: int = typer.Option(1, help="engine actors (Ray Data actor pool)"),
+    max_model_len: int = typer.Option(1024, help="prompt + completion tokens per sequence"),
+    max_num_seqs: int = typer.Option(16, help="sequences each engine decodes together"),
+    address: str = typer.Option(None, help=ADDRESS_HELP),
+) -> None:
+    """Sample K completions per prompt with the serving engine on a Ray Data actor pool, with
+    token counts and summed log-probabilities; prints throughput."""
+    from upcycle.config import ConfigError
+    from upcycle.jobs.synthesize import run_generate
+    from upcycle.synthesis.generation import GenerateSpec
+
+    spec = GenerateSpec(samples=samples, temperature=temperature, top_p=top_p,
+                        max_tokens=max_tokens, seed=seed)  # fmt: skip
+    engine = {"max_model_len": max_model_len, "max_num_seqs": max_num_seqs}
+    try:
+        spec.check()
+        submit_if_remote(address)
+        done = run_generate(model, prompts, out, spec, workers=workers, engine=engine)
+    except (ValueError, ConfigError, FileExistsError, FileNotFoundError) as e:
+        fail(str(e))
+    console.print(
+        f"{done.samples} samples of {done.prompts} prompts, {done.completion_tokens:,} tokens "
+        f"in {done.seconds:.1f} s: {done.tokens_per_s:,.1f} tokens/s with {workers} worker(s) "
+        f"-> {out}"
     )

@@ -1,0 +1,165 @@
+"""Batch generation on Ray Data: K samples per prompt from the serving engine, at scale.
+
+Prompts (JSONL, one per line): {"prompt": "raw text" or [ChatML messages], ...any task fields,
+which are carried to the output}. A string is completed as it stands (HumanEval's code
+prompts); messages get the chat template and the assistant header, as `upcycle serve`'s chat
+endpoint does. Ray Data sends groups of prompts to an actor pool; each actor holds one
+`ModelRunner` + `Engine`, the same model code and continuous batching as a serving replica, and
+runs all K samples of its group's prompts through one engine at once.
+
+Reproducible: sample k of prompt i draws from its own generator seeded from (seed, i, k), and
+the groups are fixed by the driver (not by how Ray Data splits blocks), so a seed gives the
+same samples whatever the number of workers. Output, one line per prompt: the prompt record
+plus "samples": [{"text", "completion_tokens", "logprob" (summed over the completion),
+"finish_reason"}], written to a temporary file renamed onto OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from upcycle.deploy.sampling import SamplingParams
+from upcycle.platform.chat_data import read_jsonl
+from upcycle.platform.data import DataError
+
+GROUP = 8  # prompts per Ray Data row: the unit of work of one engine call
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    samples: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int = 0
+
+    def check(self) -> None:
+        """ValueError naming the field, before any actor starts."""
+        if self.samples < 1:
+            raise ValueError(f"samples: must be >= 1, got {self.samples}")
+        if not 0 <= self.seed < 2**24:
+            raise ValueError(f"seed: must be in [0, 2^24), got {self.seed}")
+        self.params(0, 0).check()
+
+    def params(self, index: int, k: int) -> SamplingParams:
+        # distinct seeds for every (seed, prompt, sample) while K < 2^16 and prompts < 2^24
+        seed = (self.seed << 40) | (index << 16) | k
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
+                              top_p=self.top_p, seed=seed, logprobs=True)  # fmt: skip
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """The prompt records of a JSONL file; a malformed one is named by file:line."""
+    records = []
+    for number, record in read_jsonl(path):
+        prompt = record.get("prompt")
+        ok = (isinstance(prompt, str) and prompt) or (
+            isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)
+        )
+        if not ok:
+            raise DataError(f"{path}:{number}: 'prompt' must be a string or a list of messages")
+        if "samples" in record:
+            raise DataError(f"{path}:{number}: 'samples' is what generation writes; remove it")
+        records.append(record)
+    return records
+
+
+def prompt_ids(record: dict) -> list[int]:
+    from upcycle.dense.tokenizer import chat_text, get_tokenizer
+
+    tok, prompt = get_tokenizer(), record["prompt"]
+    if isinstance(prompt, str):
+        return tok.encode(prompt)
+    return tok.encode(chat_text(prompt, add_generation_prompt=True), allow_special=True)
+
+
+class SampleGenerator:
+    """A Ray Data actor: one model and engine; each row is a group of prompts."""
+
+    def __init__(self, ckpt: str, runner: dict, spec: dict):
+        from upcycle.dense.tokenizer import get_tokenizer
+        from upcycle.deploy.app import engine_limits
+        from upcycle.deploy.engine import Engine
+        from upcycle.deploy.runner import ModelRunner, RunnerConfig
+
+        rc = RunnerConfig(**runner)
+        vocab_limit, eos = engine_limits(ckpt)
+        self.spec = GenerateSpec(**spec)
+        self.engine = Engine(
+            ModelRunner(Path(ckpt), rc).forward,
+            max_num_seqs=rc.max_num_seqs,
+            max_model_len=rc.max_model_len,
+            max_step_tokens=rc.max_step_tokens,
+            eos_ids=eos,
+            vocab_limit=vocab_limit,
+            decode=get_tokenizer().decode,
+        )
+
+    def __call__(self, row: dict) -> dict:
+        group = json.loads(row["group"])
+        requests = {}
+        for index, record in group:
+            ids = prompt_ids(record)
+            for k in range(self.spec.samples):
+                rid = self.engine.add(ids, self.spec.params(index, k), f"{index}:{k}")
+                requests[rid] = {"text": "", "completion_tokens": 0, "logprob": 0.0}
+        while self.engine.has_work:
+            for out in self.engine.step():
+                sample = requests[out.request_id]
+                sample["text"] += out.text
+                sample["completion_tokens"] = out.completion_tokens
+                sample["logprob"] += out.logprob
+                if out.finish_reason:
+                    sample["finish_reason"] = out.finish_reason
+        done = [
+            {**record, "samples": [requests[f"{index}:{k}"] for k in range(self.spec.samples)]}
+            for index, record in group
+        ]
+        return {"group": json.dumps([[i, d] for (i, _), d in zip(group, done, strict=True)])}
+
+
+@dataclass(frozen=True)
+class Generated:
+    prompts: int
+    samples: int
+    completion_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds else 0.0
+
+
+def generate(
+    ckpt: Path, runner: dict, prompts: list[dict], spec: GenerateSpec, out: Path, *, workers: int
+) -> Generated:
+    """Generate with `workers` engine actors on the connected Ray cluster; write OUT."""
+    import ray.data
+
+    out = Path(out).absolute()
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new output file")
+    indexed = list(enumerate(prompts))
+    groups = [{"group": json.dumps(indexed[i : i + GROUP])} for i in range(0, len(indexed), GROUP)]
+    start = time.monotonic()
+    ds = ray.data.from_items(groups, override_num_blocks=len(groups)).map(
+        SampleGenerator,
+        fn_constructor_kwargs={"ckpt": str(ckpt), "runner": runner, "spec": vars(spec)},
+        concurrency=workers,
+        num_cpus=runner.get("cpus_per_rank", 1.0),
+    )
+    rows = sorted(
+        (pair for r in ds.take_all() for pair in json.loads(r["group"])), key=lambda p: p[0]
+    )
+    seconds = time.monotonic() - start
+    done = [record for _, record in rows]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in done))
+    os.replace(tmp, out)
+    tokens = sum(s["completion_tokens"] for r in done for s in r["samples"])
+    return Generated(len(done), len(done) * spec.samples, tokens, seconds)

@@ -340,6 +340,37 @@ def test_batch_generation_is_seeded_across_workers_and_greedy_matches_serve(
     assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "y.jsonl").exists()
 
 
+def test_humaneval_eval_runs_the_tests_and_logs_pass_at_k(server, checkpoint, tmp_path):
+    """The tiny model scores ~0; what is checked is that every completion was generated, run
+    and counted, and pass@k follows from the per-problem counts."""
+    import mlflow
+
+    from upcycle.jobs import humaneval as he
+    from upcycle.synthesis.humaneval import pass_at_k
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = he.run(checkpoint, samples=2, max_tokens=8, limit=3, run_name="he", tracking_uri=uri,
+                 engine={"max_model_len": 512, "max_num_seqs": 8, "cpus_per_rank": 0.5})  # fmt: skip
+    assert (res.problems, len(res.records)) == (3, 6)
+    assert {r["task_id"] for r in res.records} == {"HumanEval/0", "HumanEval/1", "HumanEval/2"}
+    assert all(r["detail"].split(":")[0] in ("passed", "failed", "timeout", "crashed")
+               for r in res.records)  # fmt: skip
+    per_task = {}
+    for r in res.records:
+        per_task[r["task_id"]] = per_task.get(r["task_id"], 0) + r["passed"]
+    for k in (1, 2):
+        want = sum(pass_at_k(2, c, k) for c in per_task.values()) / 3
+        assert res.pass_at[k] == pytest.approx(want)
+    client = mlflow.MlflowClient(uri)
+    (logged,) = client.search_runs(
+        [client.get_experiment_by_name("upcycle").experiment_id], "run_name = 'he'"
+    )
+    assert logged.data.metrics["humaneval_pass_at_2"] == pytest.approx(res.pass_at[2])
+    assert logged.data.params["temperature"] == "0.8"
+    files = {a.path for a in client.list_artifacts(logged.info.run_id)}
+    assert "humaneval_completions.jsonl" in files
+
+
 def _stats():
     from ray import serve
 

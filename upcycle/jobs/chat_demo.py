@@ -61,3 +61,16 @@ def write(out: Path, seed: int = 0, dpo_pairs: int = 0) -> tuple[Path, Path]:
         for name, records in (("sft.jsonl", sft), ("dpo.jsonl", dpo)):
             (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in records))
     return Path(out) / "sft.jsonl", Path(out) / "dpo.jsonl"
+
+
+def arithmetic_prompts(n: int = 16, seed: int = 0) -> list[dict]:
+    """Verifiable prompts for rejection sampling (`exact` verifier): small sums and products
+    with their answers (examples/arithmetic-prompts.jsonl is `arithmetic_prompts()`)."""
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(n):
+        a, b = rng.randint(2, 49), rng.randint(2, 49)
+        op, answer = ("+", a + b) if i % 2 == 0 else ("*", a * b)
+        question = f"What is {a} {op} {b}? Give the number."
+        prompts.append({"prompt": [{"role": "user", "content": question}], "answer": str(answer)})
+    return prompts

@@ -5,6 +5,8 @@
     -> upcycle it to tiny-moe (qwen2 method, a Ray task)
     -> continue training the MoE (Ray Train, expert parallel)
     -> SFT, then DPO, of the MoE on chat data made from the stdlib's docstrings (Ray Train, EP)
+    -> rejection sampling: K samples of arithmetic prompts (Ray Data, the serving engine), the
+       exact verifier's accepted ones as SFT/DPO files (MLflow run)
     -> held-out perplexity of each model; needle-in-a-haystack of the final one past its
        trained length with Dual Chunk Attention (Ray tasks, MLflow runs)
     -> serve the final model (Ray Serve) and answer one chat completion over HTTP
@@ -51,6 +53,8 @@ class PipelineConfig:
     lr: float = 3e-3
     post_lr: float = 1e-3  # SFT and DPO
     needle_lengths: tuple[int, ...] = (128, 256, 512)  # trained at seq_length: DCA beyond
+    synth_prompts: int = 8  # arithmetic prompts for rejection sampling
+    synth_samples: int = 4  # samples per prompt
     prompt: str = "Write a Python function that reverses a string."
     tracking_uri: str = ""
 
@@ -63,6 +67,7 @@ class PipelineResult:
     dpo_checkpoint: Path | None = None
     perplexity: dict[str, float] = dataclasses.field(default_factory=dict)
     needle_accuracy: float = 0.0
+    acceptance: float = 0.0  # rejection sampling's share of accepted samples
     reply: str = ""
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -144,6 +149,13 @@ def run(cfg: PipelineConfig, console: Console) -> PipelineResult:
             result.sft_checkpoint, objective="dpo",
         )  # fmt: skip
 
+    def synthesize() -> None:
+        result.acceptance = _rejection_sampling(cfg, result.dpo_checkpoint, out / "synth")
+        console.print(
+            f"rejection sampling: {cfg.synth_samples} samples of {cfg.synth_prompts} arithmetic "
+            f"prompts, acceptance {result.acceptance:.0%} (exact verifier) -> {out / 'synth'}"
+        )
+
     def evaluate() -> None:
         from upcycle.jobs.evaluate import run as evaluate_run
         from upcycle.jobs.needle import NeedleSpec
@@ -183,6 +195,7 @@ def run(cfg: PipelineConfig, console: Console) -> PipelineResult:
     stage("continue training tiny-moe", train_moe)
     stage("SFT tiny-moe", sft)
     stage("DPO tiny-moe", dpo)
+    stage("rejection sampling: generate, verify", synthesize)
     stage("evaluate: perplexity, needle in a haystack", evaluate)
     stage("serve and chat", serve_and_chat)
     _print_runs(cfg.tracking_uri, console)
@@ -236,6 +249,30 @@ def _train(
     if ckpt is None:
         raise RuntimeError(f"no valid checkpoint under {storage / name}")
     return ckpt
+
+
+def _rejection_sampling(cfg: PipelineConfig, ckpt: Path, out: Path) -> float:
+    """Generate samples of arithmetic prompts (Ray Data), keep what the exact verifier accepts
+    (SFT/DPO files, an MLflow run); the acceptance rate. Reuses a finished earlier run."""
+    import json
+
+    from upcycle.jobs import chat_demo
+    from upcycle.jobs.synthesize import run_generate, run_rejection
+    from upcycle.synthesis.generation import GenerateSpec
+
+    rejection = out / "rejection"
+    if not _valid(rejection):
+        out.mkdir(parents=True, exist_ok=True)
+        prompts, generated = out / "prompts.jsonl", out / "generated.jsonl"
+        records = chat_demo.arithmetic_prompts(cfg.synth_prompts)
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+        if not generated.exists():  # written whole (renamed) or not at all
+            spec = GenerateSpec(samples=cfg.synth_samples, temperature=1.0, max_tokens=16)
+            engine = {"max_model_len": 256, "max_num_seqs": 16}
+            run_generate(str(ckpt), prompts, generated, spec, workers=1, engine=engine)
+        run_rejection(generated, rejection, verifier_name="exact",
+                      run_name="pipeline-rejection", tracking_uri=cfg.tracking_uri)  # fmt: skip
+    return json.loads((rejection / "report.json").read_text())["acceptance_rate"]
 
 
 def _serve_and_chat(ckpt: Path, prompt: str, console: Console) -> str:
@@ -297,6 +334,8 @@ def _print_runs(tracking_uri: str, console: Console) -> None:
         more = ""
         if "rewards/margin" in m:
             more = f"margin {m['rewards/margin']:.3f}, accuracy {m['rewards/accuracy']:.2f}"
+        elif "acceptance_rate" in m:
+            more = f"accepted {m['accepted']:.0f} of {m['samples']:.0f} samples"
         elif "niah_accuracy" in m:
             more = f"needle accuracy {m['niah_accuracy']:.2f}"
         table.add_row(r.info.run_name, r.info.run_id[:8], r.info.status, loss, ppl, more)

@@ -36,6 +36,7 @@ class GenerateSpec:
     top_p: float = 1.0
     max_tokens: int = 256
     seed: int = 0
+    stop: tuple[str, ...] = ()  # stop strings: a sample ends before the first one
 
     def check(self) -> None:
         """ValueError naming the field, before any actor starts."""
@@ -49,7 +50,8 @@ class GenerateSpec:
         # distinct seeds for every (seed, prompt, sample) while K < 2^16 and prompts < 2^24
         seed = (self.seed << 40) | (index << 16) | k
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
-                              top_p=self.top_p, seed=seed, logprobs=True)  # fmt: skip
+                              top_p=self.top_p, seed=seed, stop=tuple(self.stop),
+                              logprobs=True)  # fmt: skip
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -149,7 +151,7 @@ def generate(
     ds = ray.data.from_items(groups, override_num_blocks=len(groups)).map(
         SampleGenerator,
         fn_constructor_kwargs={"ckpt": str(ckpt), "runner": runner, "spec": vars(spec)},
-        concurrency=workers,
+        compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=runner.get("cpus_per_rank", 1.0),
     )
     rows = sorted(

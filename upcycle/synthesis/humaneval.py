@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 
+# Where a completion of a function body ends (Chen et al. 2021, section 2.3)
+STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+
 
 def tasks(limit: int | None = None) -> list[dict]:
     """HumanEval's problems, in order, as prompt records for `upcycle generate`."""

@@ -22,7 +22,9 @@ from upcycle.jobs.cli.common import (
 @app.command("eval")
 def evaluate(
     checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="our checkpoint"),
-    data: Path = typer.Option(..., exists=True, file_okay=False, help="held-out token shards"),
+    data: Path = typer.Option(
+        None, exists=True, file_okay=False, help="held-out token shards (perplexity, needle)"
+    ),
     seq_length: int = typer.Option(128, min=1, help="tokens per window"),
     max_windows: int = typer.Option(64, min=1, help="windows evaluated (from the start)"),
     needle: bool = typer.Option(False, help="also run needle-in-a-haystack over the grid below"),
@@ -32,11 +34,37 @@ def evaluate(
     dual_chunk_length: int = typer.Option(
         0, min=0, help="needle: Dual Chunk Attention for the trained length N (0: off)"
     ),
+    humaneval: bool = typer.Option(False, help="HumanEval pass@k (generate, run the tests)"),
+    samples: int = typer.Option(1, min=1, help="humaneval: completions per problem"),
+    problems: int = typer.Option(None, min=1, help="humaneval: the first N problems (all 164)"),
+    max_tokens: int = typer.Option(256, min=1, help="humaneval: tokens per completion"),
+    workers: int = typer.Option(1, min=1, help="humaneval: engine actors generating"),
     run_name: str = typer.Option(None, help="MLflow run name (default: eval-MODEL)"),
     address: str = typer.Option(None, help=ADDRESS_HELP),
 ) -> None:
     """Held-out perplexity of a checkpoint and, with --needle, needle-in-a-haystack retrieval
-    (Ray tasks), recorded as one MLflow run with a heatmap of the needle grid."""
+    (Ray tasks), recorded as one MLflow run with a heatmap of the needle grid; with --humaneval,
+    HumanEval pass@1 (and pass@K for --samples K) as an MLflow run with every completion."""
+    if data is None and not humaneval:
+        fail("give --data HELDOUT (perplexity, --needle) and/or --humaneval")
+    if needle and data is None:
+        fail("--needle reads its haystacks from --data HELDOUT")
+    if humaneval:
+        from upcycle.jobs import humaneval as he
+
+        submit_if_remote(address)
+        from upcycle.platform.cluster import ensure_ray
+
+        ensure_ray()
+        try:
+            res = he.run(checkpoint, samples=samples, max_tokens=max_tokens, limit=problems,
+                         workers=workers, run_name=run_name and f"{run_name}-humaneval")  # fmt: skip
+        except (ValueError, ConfigError, FileNotFoundError) as e:
+            fail(str(e))
+        console.print(f"HumanEval, {res.problems} problems x {res.samples} samples: "
+                      + ", ".join(f"pass@{k} {v:.3f}" for k, v in res.pass_at.items()))  # fmt: skip
+        if data is None:
+            return
     import tempfile
 
     from upcycle.jobs.evaluate import run

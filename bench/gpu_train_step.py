@@ -24,7 +24,7 @@ from megatron.core.distributed import finalize_model_grads  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
 from upcycle import runtime  # noqa: E402
-from upcycle.config import ModelConfig, TrainConfig, from_name  # noqa: E402
+from upcycle.config import ModelConfig, from_name  # noqa: E402
 from upcycle.dense.megatron_config import to_transformer_config  # noqa: E402
 from upcycle.moe.model import build_on_meta  # noqa: E402
 from upcycle.moe.params import count_parameters  # noqa: E402
@@ -33,6 +33,7 @@ from upcycle.platform.distributed import single_process  # noqa: E402
 from upcycle.platform.metrics import peak_flops, train_flops_per_token  # noqa: E402
 from upcycle.platform.objectives import lm_step  # noqa: E402
 from upcycle.platform.step import build_chunks, build_optimizer, param_dtype  # noqa: E402
+from upcycle.train_config import TrainConfig  # noqa: E402
 
 # Qwen2-MoE shaped, ~1.1B active / 2.6B total parameters: fits one 80 GB GPU with Adam.
 MOE_A1B = ModelConfig(

@@ -37,7 +37,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 from megatron.core.transformer.moe.experts import SequentialMLP  # noqa: E402
 
-from upcycle.config import TrainConfig, from_name  # noqa: E402
+from upcycle.config import from_name  # noqa: E402
 from upcycle.conversion.hf_interop import transformers_twin  # noqa: E402
 from upcycle.dense.attention import SDPAttention  # noqa: E402
 from upcycle.dense.megatron_config import to_transformer_config  # noqa: E402
@@ -48,6 +48,7 @@ from upcycle.platform.distributed import single_process  # noqa: E402
 from upcycle.platform.metrics import train_flops_per_token  # noqa: E402
 from upcycle.platform.objectives import lm_step  # noqa: E402
 from upcycle.platform.step import build_chunks, build_optimizer  # noqa: E402
+from upcycle.train_config import TrainConfig  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

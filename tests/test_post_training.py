@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from post_training_data import FACTS, write_dpo, write_sft
 from training_reference import run_locally
 
-from upcycle.config import ConfigError, DpoConfig, Layout, TrainConfig, from_name
+from upcycle.config import ConfigError, Layout, from_name
 from upcycle.conversion.hf_interop import transformers_twin
 from upcycle.dense.tokenizer import chat_text, get_tokenizer
 from upcycle.moe.model import build_model
@@ -25,6 +25,7 @@ from upcycle.platform.job import TrainJob
 from upcycle.platform.objectives import lm_step
 from upcycle.platform.ray_train import fit
 from upcycle.platform.tracking import spooled_metrics
+from upcycle.train_config import DpoConfig, TrainConfig
 
 CFG = from_name("tiny-dense")
 

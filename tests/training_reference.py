@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import pytest
 
-from upcycle.config import Layout, TrainConfig, from_name
+from upcycle.config import Layout, from_name
 from upcycle.moe.model import build_model
 from upcycle.platform.checkpoint import save_checkpoint
 from upcycle.platform.distributed import single_process
 from upcycle.platform.job import TrainJob
 from upcycle.platform.tracking import spooled_metrics
 from upcycle.platform.training import LocalSink, train
+from upcycle.train_config import TrainConfig
 
 RTOL = 1e-5
 STEPS = 5

@@ -24,6 +24,9 @@ class ConfigError(ValueError):
         return type(self), (self.field, self.message)
 
 
+HEADS = ("lm", "score")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A Qwen2-family decoder: dense when `num_experts == 0`, Qwen2-MoE otherwise."""
@@ -55,6 +58,9 @@ class ModelConfig:
     # the model was trained at `yarn_original_max_position_embeddings` and runs at s times that.
     yarn_factor: float = 1.0
     yarn_original_max_position_embeddings: int = 0
+    # The last layer: "lm", next-token logits over the vocabulary; "score", one scalar per
+    # position (a reward model, transformers' *ForSequenceClassification with one label)
+    head: str = "lm"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -62,6 +68,14 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def is_reward_model(self) -> bool:
+        return self.head == "score"
+
+    def as_reward_model(self) -> ModelConfig:
+        """The same backbone with a score head (nothing left to tie the embedding to)."""
+        return self.replace(head="score", tie_embeddings=False)
 
     @property
     def head_dim(self) -> int:
@@ -118,6 +132,12 @@ def _validate(c: ModelConfig) -> None:
             "num_kv_heads",
             f"num_attention_heads ({c.num_attention_heads}) is not divisible by num_kv_heads "
             f"({c.num_kv_heads}); allowed: {_divisors(c.num_attention_heads)}",
+        )
+    if c.head not in HEADS:
+        raise ConfigError("head", f"{c.head!r}; allowed: {HEADS}")
+    if c.head == "score" and c.tie_embeddings:
+        raise ConfigError(
+            "tie_embeddings", "a score head has no output embedding to tie to; set it false"
         )
     if c.num_experts < 0:
         raise ConfigError("num_experts", f"must be >= 0 (0 means dense), got {c.num_experts}")
@@ -310,130 +330,10 @@ class Layout:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], prefix: str = "layout") -> Layout:
-        return _dataclass_from_dict(cls, data, prefix)
+        return section_from_dict(cls, data, prefix)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """What one training job does: schedule, optimizer, numerics, checkpoints.
-
-    The LR schedule is linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr`
-    at `steps`. `stop_at_step` ends the job early without changing that schedule (a later job
-    with the same name resumes it).
-    """
-
-    steps: int = 20
-    seq_length: int = 128
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 2
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    seed: int = 1234
-    save_interval: int = 0  # 0: only at the end
-    stop_at_step: int = 0  # 0: run all `steps`
-    token_dispatcher: str = "alltoall"
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    fp8: str | None = None  # hybrid | e4m3 (Transformer Engine on a CUDA device)
-    fp8_recipe: str = "delayed"
-    threads_per_worker: int = 1
-    peak_flops: float = 0.0  # for MFU; 0: the GPU's bf16 peak, or a measured GEMM on CPU
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "seq_length", "threads_per_worker"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_interval", "stop_at_step", "clip_grad", "min_lr"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0 or self.min_lr > self.lr:
-            raise ConfigError("train.lr", f"need 0 <= min_lr <= lr and lr > 0, got {self.lr}")
-        if self.warmup_steps > self.steps:
-            raise ConfigError("train.warmup_steps", f"{self.warmup_steps} > steps ({self.steps})")
-        choices = {
-            "token_dispatcher": ("alltoall", "allgather"),
-            "dtype": ("auto", "fp32", "bf16"),
-            "fp8": (None, "hybrid", "e4m3"),
-            "fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"train.{name}", f"{getattr(self, name)!r}; allowed: {allowed}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], prefix: str = "train") -> TrainConfig:
-        return _dataclass_from_dict(cls, data, prefix)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class LongContext:
-    """Long-context continued pretraining: the model trains (and is then served) with a larger
-    RoPE base and position limit; `train.seq_length` sets the longer sequences. Qwen2 went from
-    4,096 to 32,768 tokens with the base raised from 10,000 to 1,000,000."""
-
-    rope_theta: float
-    max_position_embeddings: int
-
-    def __post_init__(self) -> None:
-        if self.rope_theta <= 0:
-            raise ConfigError("long_context.rope_theta", f"must be > 0, got {self.rope_theta}")
-        if self.max_position_embeddings < 1:
-            raise ConfigError(
-                "long_context.max_position_embeddings",
-                f"must be >= 1, got {self.max_position_embeddings}",
-            )
-
-    def apply(self, model: ModelConfig) -> ModelConfig:
-        return model.replace(
-            rope_theta=self.rope_theta, max_position_embeddings=self.max_position_embeddings
-        )
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LongContext:
-        missing = [f.name for f in fields(cls) if isinstance(data, dict) and f.name not in data]
-        if missing:
-            raise ConfigError(f"long_context.{missing[0]}", "missing; it has no default")
-        return _dataclass_from_dict(cls, data, "long_context")
-
-
-@dataclass(frozen=True)
-class SftConfig:
-    """Supervised fine-tuning: `pack` fills each row with several conversations (kept apart by
-    an attention mask); false gives each conversation a row of its own (plain causal attention,
-    which Transformer Engine's fused attention also runs)."""
-
-    pack: bool = True
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SftConfig:
-        return _dataclass_from_dict(cls, data, "sft")
-
-
-@dataclass(frozen=True)
-class DpoConfig:
-    """Direct Preference Optimization: `beta` scales the implicit reward
-    beta * (log pi(y|x) - log pi_ref(y|x)); the frozen reference is `reference` (our
-    checkpoint), by default the job's `init_from` (the SFT model DPO starts from)."""
-
-    beta: float = 0.1
-    reference: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ConfigError("dpo.beta", f"must be > 0 (typical: 0.01 to 0.5), got {self.beta}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DpoConfig:
-        return _dataclass_from_dict(cls, data, "dpo")
-
-
-def _dataclass_from_dict(cls, data: dict[str, Any], prefix: str):
+def section_from_dict(cls, data: dict[str, Any], prefix: str):
     """Build a config dataclass from a mapping; errors name `prefix.field`."""
     if not isinstance(data, dict):
         raise ConfigError(prefix, f"must be a mapping, got {type(data).__name__}")

@@ -38,11 +38,13 @@ def hf_tensors(cfg: ModelConfig, model: torch.nn.Module) -> dict[str, torch.Tens
 
 
 def transformers_twin(cfg: ModelConfig, model: torch.nn.Module, folder: Path):
-    """The transformers model holding `model`'s weights (written as fp32 safetensors to `folder`)."""
-    from transformers import AutoModelForCausalLM
+    """The transformers model holding `model`'s weights (written as fp32 safetensors to `folder`):
+    *ForCausalLM, or *ForSequenceClassification for a reward model."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     hf_io.write_hf_dir(cfg, hf_tensors(cfg, model), folder, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    auto = AutoModelForSequenceClassification if cfg.is_reward_model else AutoModelForCausalLM
+    return auto.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def import_hf(hf_dir: Path, out_dir: Path) -> ModelConfig:

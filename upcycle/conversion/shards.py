@@ -183,7 +183,8 @@ def plan(cfg: ModelConfig, layout: Layout, c: Coords) -> list[Shard]:
             continue
         if key in ("decoder.final_layernorm.weight", "output_layer.weight") and not last_stage:
             continue
-        out.append(_shard(local, key, shape, layout, c, expert, layer))
+        whole = key == "output_layer.weight" and cfg.is_reward_model  # the score head: [1, h]
+        out.append(_shard(local, key, shape, layout, c, expert, layer, whole))
     if cfg.tie_embeddings and layout.pp > 1 and last_stage:
         # the last stage keeps its own copy of the tied embedding as the output layer
         shape = _full_shapes(cfg)["embedding.word_embeddings.weight"]
@@ -192,9 +193,11 @@ def plan(cfg: ModelConfig, layout: Layout, c: Coords) -> list[Shard]:
     return out
 
 
-def _shard(local, key, shape, layout, c, expert, layer) -> Shard:
+def _shard(local, key, shape, layout, c, expert, layer, whole=False) -> Shard:
     parts, index = (layout.expert_tp, c.etp_rank) if expert else (layout.tp, c.tp_rank)
-    if key.endswith(_COLUMN) or key in VOCAB_KEYS:
+    if whole:
+        dim = None
+    elif key.endswith(_COLUMN) or key in VOCAB_KEYS:
         dim = 0
     elif key.endswith(_ROW):
         dim = 1

@@ -34,6 +34,12 @@ def read_hf_config(hf_dir: Path) -> ModelConfig:
         )
     hf = json.loads(path.read_text())
     kind = hf.get("model_type")
+    reward = any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
+    if reward and len(hf.get("id2label") or {"0": ""}) != 1:
+        raise ConfigError(
+            "id2label",
+            f"{len(hf['id2label'])} labels; a reward model scores with one (num_labels=1)",
+        )
     if kind not in ("qwen2", "qwen2_moe"):
         raise ConfigError(
             "model_type", f"{kind!r} is not supported; expected 'qwen2' or 'qwen2_moe'"
@@ -52,12 +58,13 @@ def read_hf_config(hf_dir: Path) -> ModelConfig:
         num_layers=hf["num_hidden_layers"],
         num_attention_heads=hf["num_attention_heads"],
         num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        tie_embeddings=hf.get("tie_word_embeddings", False),
+        tie_embeddings=hf.get("tie_word_embeddings", False) and not reward,  # reward: no LM head
         qkv_bias=hf.get("qkv_bias", True),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1_000_000.0))),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         max_position_embeddings=hf.get("max_position_embeddings", 32768),
         init_std=hf.get("initializer_range", 0.02),
+        head="score" if reward else "lm",
         **_read_rope_scaling(rope),
     )
     if kind == "qwen2":
@@ -115,9 +122,12 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
 
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
-    """The transformers `config.json` for `cfg`."""
+    """The transformers `config.json` for `cfg` (a reward model: *ForSequenceClassification
+    with one label, padding = <|endoftext|> so transformers scores each row's last real token)."""
+    family = "Qwen2Moe" if cfg.is_moe else "Qwen2"
+    task = "ForSequenceClassification" if cfg.is_reward_model else "ForCausalLM"
     out = {
-        "architectures": ["Qwen2MoeForCausalLM" if cfg.is_moe else "Qwen2ForCausalLM"],
+        "architectures": [family + task],
         "model_type": "qwen2_moe" if cfg.is_moe else "qwen2",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
@@ -137,6 +147,10 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     }
     if cfg.vocab_size > ENDOFTEXT_ID:
         out |= {"bos_token_id": ENDOFTEXT_ID, "eos_token_id": ENDOFTEXT_ID}
+    if cfg.is_reward_model:
+        out |= {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+        if cfg.vocab_size > ENDOFTEXT_ID:
+            out["pad_token_id"] = ENDOFTEXT_ID
     if cfg.is_moe:
         out |= {
             "intermediate_size": cfg.shared_expert_ffn_hidden_size or cfg.moe_ffn_hidden_size,

@@ -4,6 +4,7 @@ Pure functions over state dicts, driven by `ModelConfig`. The only layout change
 - q/k/v: transformers keeps three matrices; megatron-core one `linear_qkv` grouped per KV head
   ([q heads of group g, k_g, v_g] for each group g), weight and bias alike;
 - SwiGLU: transformers' gate_proj and up_proj are megatron-core's `linear_fc1` = [gate; up];
+- a reward model's `score` (Qwen2ForSequenceClassification) is our `output_layer` (a ScoreHead);
 - routed experts: transformers writes them per expert (`experts.N.gate_proj`, what
   `save_pretrained` of transformers 5 emits and what `export` writes) or packed
   (`experts.gate_up_proj` [E, 2I, H] and `experts.down_proj` [E, H, I]); both are read.
@@ -57,7 +58,9 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             if cfg.shared_expert_gate:
                 shapes[p + "mlp.shared_expert_gate.weight"] = (1, h)
     shapes["model.norm.weight"] = (h,)
-    if not cfg.tie_embeddings:
+    if cfg.is_reward_model:
+        shapes["score.weight"] = (1, h)
+    elif not cfg.tie_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     return shapes
 
@@ -148,7 +151,9 @@ def to_megatron(cfg: ModelConfig, hf: Mapping[str, torch.Tensor]) -> Tensors:
             if cfg.shared_expert_gate:
                 out[m + "mlp.shared_experts.gate_weight"] = hf[p + "mlp.shared_expert_gate.weight"]
     out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
-    if not cfg.tie_embeddings:
+    if cfg.is_reward_model:
+        out["output_layer.weight"] = hf["score.weight"]
+    elif not cfg.tie_embeddings:
         out["output_layer.weight"] = hf["lm_head.weight"]
     return out
 
@@ -186,7 +191,9 @@ _FC_PREFIXES = (  # megatron-core MLP prefix -> transformers', within a layer
 def hf_of(cfg: ModelConfig, key: str, t: torch.Tensor) -> Tensors:
     """One full (unsharded) tensor of our GPTModel -> its transformers tensor(s): q/k/v split,
     [gate; up] split, names mapped. A tied model's `output_layer.weight` (a pipeline's last
-    stage holds a copy) maps to nothing."""
+    stage holds a copy) maps to nothing; a reward model's is `score.weight`."""
+    if key == "output_layer.weight" and cfg.is_reward_model:
+        return {"score.weight": t}
     if key in HF_TOP_NAMES:
         tied_copy = key == "output_layer.weight" and cfg.tie_embeddings
         return {} if tied_copy else {HF_TOP_NAMES[key]: t}

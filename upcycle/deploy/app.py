@@ -254,11 +254,10 @@ class Ingress:
 def resolve_model(spec: ServeSpec) -> tuple[Path, ModelConfig]:
     """The checkpoint `spec` serves and its model, checked against the engine layout (no Ray
     needed: call it before starting anything)."""
-    from upcycle.deploy.sources import resolve
+    from upcycle.deploy.sources import default_cache_dir, resolve
     from upcycle.platform.checkpoint import read_model_config
 
-    cache = Path(os.environ.get("UPCYCLE_CACHE", "~/.cache/upcycle")).expanduser()
-    ckpt = resolve(spec.model, cache_dir=cache)
+    ckpt = resolve(spec.model, cache_dir=default_cache_dir())
     cfg = read_model_config(ckpt)
     spec.engine.check(cfg)
     return ckpt, cfg

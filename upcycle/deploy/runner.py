@@ -65,6 +65,12 @@ class RunnerConfig(BaseModel):
     def check(self, cfg: ModelConfig) -> None:
         """Raise ConfigError("engine.<field>", ...) if this does not fit model `cfg` or this
         machine (bf16 where it is not native)."""
+        if cfg.is_reward_model:
+            raise ConfigError(
+                "model",
+                f"{cfg.name} is a reward model (head 'score'): it scores text, it does not "
+                "generate; use `upcycle reward score`",
+            )
         if self.dtype == "bfloat16" and not runtime.bf16_supported():
             raise ConfigError("engine.dtype", f"{runtime.NO_BF16}: use float32")
         if self.dual_chunk_length:

@@ -14,6 +14,7 @@ replica can load its shard of:
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from upcycle.atomic import IntegrityError
@@ -21,6 +22,11 @@ from upcycle.config import ConfigError
 from upcycle.dense import hf_io
 from upcycle.platform.checkpoint import MODEL_CONFIG, newest_valid, read_model_config
 from upcycle.platform.tracking import CHECKPOINTS_TAG
+
+
+def default_cache_dir() -> Path:
+    """Where imported transformers folders are kept: $UPCYCLE_CACHE or ~/.cache/upcycle."""
+    return Path(os.environ.get("UPCYCLE_CACHE", "~/.cache/upcycle")).expanduser()
 
 
 def resolve(source: str, *, cache_dir: Path, tracking_uri: str | None = None) -> Path:

@@ -30,9 +30,10 @@ from rich.console import Console
 from rich.table import Table
 
 from upcycle.atomic import IntegrityError, verify_manifest
-from upcycle.config import Layout, TrainConfig, from_name
+from upcycle.config import Layout, from_name
 from upcycle.platform.checkpoint import newest_valid
 from upcycle.platform.tracking import default_tracking_uri
+from upcycle.train_config import TrainConfig
 
 
 class StageError(RuntimeError):

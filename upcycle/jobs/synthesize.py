@@ -1,5 +1,6 @@
-"""`upcycle generate` and `upcycle synthesize rejection`: sample at scale, then keep what a
-verifier accepts as SFT/DPO data (tracked in MLflow)."""
+"""`upcycle generate`, `upcycle reward score` and `upcycle synthesize rejection`: sample at
+scale, score with a reward model, then keep what a verifier accepts as SFT/DPO data (tracked in
+MLflow)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from upcycle.synthesis.generation import (
 )
 from upcycle.synthesis.rejection import Rejection, read_generated, reject, write
 from upcycle.synthesis.sandbox import DEFAULT_LIMITS, Limits
-from upcycle.synthesis.verifiers import verifier
+from upcycle.synthesis.verifiers import check_name
 
 
 def run_rejection(
@@ -32,7 +33,7 @@ def run_rejection(
 ) -> Rejection:
     """Verify every sample of `generated` and write OUT (rejection.py); one MLflow run with the
     overall and per-prompt acceptance and report.json as an artifact."""
-    verifier(verifier_name)  # an unknown verifier fails before the file is read
+    check_name(verifier_name)  # an unknown verifier fails before the file is read
     if Path(out).exists() and any(Path(out).iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new output folder")
     result = reject(read_generated(Path(generated)), verifier_name, limits)
@@ -85,3 +86,37 @@ def run_generate(
 
     ensure_ray()
     return generate(ckpt, rc.model_dump(), prompts, spec, Path(out), workers=workers)
+
+
+def run_reward_score(
+    model: str, in_path: Path, out: Path, *, max_length: int, workers: int
+) -> tuple[int, int, float]:
+    """`upcycle reward score`: every check (model is a reward model, lengths, the file) before
+    any actor starts, then scoring on the connected Ray cluster (scoring.py). Returns (records,
+    tokens, seconds)."""
+    from upcycle.config import ConfigError
+    from upcycle.deploy.sources import default_cache_dir, resolve
+    from upcycle.platform.checkpoint import read_model_config
+    from upcycle.synthesis.scoring import read_scorable, score_file
+
+    if workers < 1:
+        raise ValueError(f"workers: must be >= 1, got {workers}")
+    ckpt = resolve(model, cache_dir=default_cache_dir())
+    cfg = read_model_config(ckpt)
+    if not cfg.is_reward_model:
+        raise ConfigError(
+            "model",
+            f"{model} is a language model, not a reward model (no score head); train one with "
+            "`upcycle reward train` or import a transformers *ForSequenceClassification folder",
+        )
+    if not 1 < max_length <= cfg.max_position_embeddings:
+        raise ValueError(
+            f"max_length: must be in 2..{cfg.max_position_embeddings} (the model's "
+            f"max_position_embeddings), got {max_length}"
+        )
+    records, tokens = read_scorable(Path(in_path), max_length)
+    from upcycle.platform.cluster import ensure_ray
+
+    ensure_ray()
+    seconds = score_file(ckpt, records, Path(out), max_length=max_length, workers=workers)
+    return len(records), tokens, seconds

@@ -9,6 +9,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from upcycle.config import ModelConfig
 from upcycle.dense import spec as dense_spec
 from upcycle.dense.megatron_config import to_transformer_config
+from upcycle.dense.score_head import ScoreHead
 from upcycle.moe import spec as moe_spec
 
 
@@ -23,6 +24,7 @@ def build_model(
     """A GPTModel for `cfg` (parallel state must be initialised, see upcycle.platform.distributed).
 
     Pass `tconfig` to choose dtype, layout or FP8; the default is fp32 on one process.
+    A reward model (`cfg.head == "score"`) returns one score per position instead of logits.
     """
     tconfig = tconfig or to_transformer_config(cfg)
     spec = (moe_spec if cfg.is_moe else dense_spec).layer_spec(cfg)
@@ -39,6 +41,8 @@ def build_model(
         rotary_base=int(cfg.rope_theta),
         vp_stage=vp_stage,
     )
+    if cfg.is_reward_model and post_process:
+        model.output_layer = ScoreHead(tconfig)
     # megatron-core's torch norms (the local spec) make fp32 weights whatever params_dtype says;
     # one dtype for every parameter is what its mixed-precision optimizer's checkpoint expects
     return model.to(dtype=tconfig.params_dtype)

@@ -135,7 +135,6 @@ class PreferencePairs:
 
     def __init__(self, path: Path, seq_length: int):
         self.path, self.seq_length = Path(path), seq_length
-        tok = get_tokenizer()
         self.pairs = []
         self.truncated = 0
         for number, record in read_jsonl(path):
@@ -146,20 +145,11 @@ class PreferencePairs:
             for field in ("chosen", "rejected"):
                 if not isinstance(record[field], str):
                     raise DataError(f"{where}: '{field}' must be a string (the assistant reply)")
-            messages = _messages(record["prompt"], where, "prompt")
-            # the conversation so far, ending with the assistant header
-            prompt = tok.encode(_chat_prompt(messages, where), allow_special=True)
-            if len(prompt) >= seq_length:
-                raise DataError(
-                    f"{where}: the prompt alone is {len(prompt)} tokens, not below "
-                    f"train.seq_length ({seq_length}); raise seq_length or shorten it"
-                )
+            prompt = prompt_tokens(record["prompt"], where)
             rows = []
             for field in ("chosen", "rejected"):
-                response = tok.encode(record[field]) + [tok.im_end_id]
-                if len(prompt) + len(response) > seq_length:
-                    self.truncated += 1
-                    response = response[: seq_length - len(prompt)]
+                response, cut = fit_reply(prompt, reply_tokens(record[field]), seq_length, where)
+                self.truncated += cut
                 rows.append((prompt, response))
             self.pairs.append(tuple(rows))
 
@@ -179,13 +169,41 @@ class PreferencePairs:
             tokens[r, : len(ids)] = torch.tensor(ids)
             labels[r, : len(ids) - 1] = torch.tensor(ids[1:])
             loss_mask[r, len(prompt) - 1 : len(ids) - 1] = 1.0  # labels that are the response
-        return Batch(tokens=tokens, labels=labels, loss_mask=loss_mask)
+        lengths = torch.tensor([len(p) + len(r) for p, r in rows])
+        return Batch(tokens=tokens, labels=labels, loss_mask=loss_mask, lengths=lengths)
 
     def too_few(self, needed: int) -> str:
         return (
             f"{self.path}: {len(self)} pairs, fewer than one global batch ({needed}); add pairs "
             "or lower layout.global_batch_size"
         )
+
+
+def prompt_tokens(prompt: str | list, where: str) -> list[int]:
+    """A pair's or sample's prompt (a string is one user message) as the conversation so far,
+    ending with the assistant header; errors name `where`."""
+    messages = _messages(prompt, where, "prompt")
+    return get_tokenizer().encode(_chat_prompt(messages, where), allow_special=True)
+
+
+def reply_tokens(text: str) -> list[int]:
+    """An assistant reply as the model reads it: its tokens, then <|im_end|>."""
+    tok = get_tokenizer()
+    return tok.encode(text) + [tok.im_end_id]
+
+
+def fit_reply(
+    prompt: list[int], reply: list[int], seq_length: int, where: str
+) -> tuple[list[int], bool]:
+    """`reply` cut so prompt + reply fit `seq_length` (and whether it was cut); a prompt that
+    alone does not fit is an error naming `where`."""
+    if len(prompt) >= seq_length:
+        raise DataError(
+            f"{where}: the prompt alone is {len(prompt)} tokens, not below the sequence length "
+            f"({seq_length}); raise it or shorten the prompt"
+        )
+    cut = len(prompt) + len(reply) > seq_length
+    return reply[: seq_length - len(prompt)], cut
 
 
 def _chat_prompt(messages: list, where: str) -> str:

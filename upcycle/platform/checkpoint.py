@@ -31,10 +31,12 @@ from megatron.core.models.gpt import GPTModel
 from upcycle.atomic import IntegrityError, atomic_directory, verify_manifest, write_manifest_part
 from upcycle.config import ModelConfig
 from upcycle.dense.hf_weights import CheckpointError
+from upcycle.dense.score_head import ScoreHead
 
 MODEL_CONFIG = "model.json"
 WEIGHTS = "weights"
 TRAIN_STATE = "train_state.json"
+HEAD = "output_layer.weight"  # the LM head, or a reward model's score head
 LINEAGE = "lineage.json"  # how an upcycled checkpoint was made (upcycle.jobs.convert)
 # Optimizer state keyed like the model's, whether or not megatron-core chains a dense and an
 # expert optimizer (it does when EP > 1), so it reshards between any layouts.
@@ -121,24 +123,46 @@ def read_model_config(ckpt_dir: Path) -> ModelConfig:
 def load_checkpoint(model: GPTModel | Sequence[torch.nn.Module], ckpt_dir: Path) -> None:
     """Verify `ckpt_dir` and load it into `model`, or into all of a rank's pipeline chunks at
     once (megatron-core checks the access pattern over one whole load), resharding to the
-    model's layout."""
+    model's layout.
+
+    A reward model loads a language model's backbone and keeps its own (initialised) score
+    head: that is how reward training starts from an SFT checkpoint. A language model cannot
+    load a reward model (it has no LM head to load)."""
     ckpt_dir = Path(ckpt_dir)
     verify_manifest(ckpt_dir)
     check_metadata(ckpt_dir / WEIGHTS)
     chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
-    loaded = dist_checkpointing.load(_model_state(chunks), str(ckpt_dir / WEIGHTS))
-    _load_chunks(chunks, loaded)
+    request = _model_state(chunks)
+    scores = any(isinstance(getattr(_unwrap(c), "output_layer", None), ScoreHead) for c in chunks)
+    saved_scores = read_model_config(ckpt_dir).is_reward_model
+    if saved_scores and not scores:
+        raise CheckpointError(
+            f"{ckpt_dir} is a reward model (head 'score'): it has no LM head to load into a "
+            "language model; score text with it (`upcycle reward score`)"
+        )
+    fresh_head = (HEAD,) if scores and not saved_scores else ()
+    for state in request.values():
+        for key in fresh_head:
+            state.pop(key, None)
+    loaded = dist_checkpointing.load(request, str(ckpt_dir / WEIGHTS))
+    _load_chunks(chunks, loaded, missing_ok=fresh_head)
 
 
-def _load_chunks(chunks: Sequence[torch.nn.Module], loaded: dict) -> None:
+def _load_chunks(
+    chunks: Sequence[torch.nn.Module], loaded: dict, missing_ok: tuple[str, ...] = ()
+) -> None:
     for i, chunk in enumerate(chunks):
-        load_state(_unwrap(chunk), loaded["model" if len(chunks) == 1 else f"model{i}"])
+        state = loaded["model" if len(chunks) == 1 else f"model{i}"]
+        load_state(_unwrap(chunk), state, missing_ok=missing_ok)
 
 
-def load_state(model: torch.nn.Module, state: dict) -> None:
-    """`load_state_dict` that tolerates only megatron-core's empty `_extra_state` entries."""
+def load_state(model: torch.nn.Module, state: dict, *, missing_ok: tuple[str, ...] = ()) -> None:
+    """`load_state_dict` that tolerates only megatron-core's empty `_extra_state` entries (and
+    the `missing_ok` keys, which keep their initial values)."""
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    missing = [
+        k for k in result.missing_keys if not k.endswith("_extra_state") and k not in missing_ok
+    ]
     unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise CheckpointError(

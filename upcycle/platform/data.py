@@ -49,12 +49,14 @@ class Batch:
 
     `labels` are the next tokens. Post-training rows add `loss_mask` (which labels count: the
     assistant's tokens) and, when several examples are packed into one row, `segments` (the
-    example each token belongs to: attention stays inside it and positions restart at 0)."""
+    example each token belongs to: attention stays inside it and positions restart at 0).
+    Preference pairs add `lengths`: each row's real tokens (the rest is padding)."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
     loss_mask: torch.Tensor | None = None
     segments: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
 
     @property
     def positions(self) -> torch.Tensor:

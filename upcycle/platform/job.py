@@ -10,20 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from upcycle import runtime
-from upcycle.config import (
-    ConfigError,
-    DpoConfig,
-    Layout,
-    LongContext,
-    ModelConfig,
-    SftConfig,
-    TrainConfig,
-    from_name,
-)
+from upcycle.config import ConfigError, Layout, ModelConfig, from_name
 from upcycle.platform.chat_data import PackedConversations, PreferencePairs
 from upcycle.platform.data import Samples, TokenDataset, TokenWindows
+from upcycle.train_config import DpoConfig, LongContext, SftConfig, TrainConfig
 
-OBJECTIVES = ("pretrain", "sft", "dpo")  # upcycle.platform.objectives
+OBJECTIVES = ("pretrain", "sft", "dpo", "reward")  # upcycle.platform.objectives
+PAIRED = ("dpo", "reward")  # objectives that read preference pairs
 
 
 @dataclass(frozen=True)
@@ -31,10 +24,10 @@ class TrainJob:
     """Everything a training run needs; plain data, so it travels to Ray workers as a dict."""
 
     model: ModelConfig
-    data: str  # pretrain: a folder written by `upcycle data prepare`; sft, dpo: a JSONL file
+    data: str  # pretrain: a folder written by `upcycle data prepare`; sft, dpo, reward: JSONL
     layout: Layout = Layout()
     train: TrainConfig = TrainConfig()
-    objective: str = "pretrain"  # pretrain | sft | dpo
+    objective: str = "pretrain"  # pretrain | sft | dpo | reward (`model` gets a score head)
     sft: SftConfig = SftConfig()
     dpo: DpoConfig = DpoConfig()
     long_context: LongContext | None = None  # applied to `model` when the job is read
@@ -45,6 +38,11 @@ class TrainJob:
     tracking_uri: str = ""
     tracking_dir: str = ""  # the run's MLflow spool (upcycle.platform.tracking)
     tags: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.objective == "reward" and not self.model.is_reward_model:
+            # a reward job trains the named backbone with a score head (from_dict, or in code)
+            object.__setattr__(self, "model", self.model.as_reward_model())
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -91,6 +89,12 @@ class TrainJob:
                 "DPO starts from a trained (SFT) checkpoint, which is also its frozen reference: "
                 "set init_from (or dpo.reference)",
             )
+        if self.model.is_reward_model and self.objective != "reward":
+            raise ConfigError(
+                "model.head",
+                f"'score' (a reward model) trains only with objective reward, not "
+                f"{self.objective!r}; start {self.objective} from a language model",
+            )
         layout = self.layout.resolve(world_size)
         layout.check_model(self.model)
         if self.train.seq_length > self.model.max_position_embeddings:
@@ -117,6 +121,13 @@ class TrainJob:
                 "packing keeps conversations apart with an attention mask, which Transformer "
                 "Engine's attention does not read; set sft.pack: false (a row per conversation)",
             )
+        if self.objective in PAIRED and Path(self.data).is_dir():
+            raise ConfigError(
+                "data",
+                f"{self.data} is a folder; objective {self.objective} trains on preference "
+                'pairs: a JSONL file of {"prompt", "chosen", "rejected"} (`upcycle data '
+                "chat-demo`'s dpo.jsonl, or `upcycle synthesize rejection`'s)",
+            )
         self.samples()  # the data exists, verifies and parses
         return layout
 
@@ -125,7 +136,7 @@ class TrainJob:
         t = self.train
         if self.objective == "sft":
             return PackedConversations(Path(self.data), t.seq_length, t.seed, pack=self.sft.pack)
-        if self.objective == "dpo":
+        if self.objective in PAIRED:
             return PreferencePairs(Path(self.data), t.seq_length)
         return TokenWindows(TokenDataset(Path(self.data)), t.seq_length)
 

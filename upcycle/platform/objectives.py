@@ -1,4 +1,5 @@
-"""What a training step minimises: next-token loss (pretraining, SFT) or DPO.
+"""What a training step minimises: next-token loss (pretraining, SFT), DPO, or a reward model's
+Bradley-Terry loss.
 
 Each objective is a megatron-core `forward_step_func`: it feeds one micro-batch to a model chunk
 and returns the loss function the schedule calls on the last pipeline stage. The loss function's
@@ -14,6 +15,11 @@ DPO (Rafailov et al. 2023): with log-probabilities summed over each response,
 The reference terms come from a frozen copy of the starting model that runs forward-only through
 the same schedule and layout right before the policy's step (`Dpo.reference`); its
 log-probabilities wait, keyed by micro-batch, for the policy's loss function on the last stage.
+
+Reward model (a score head, upcycle.dense.score_head): a row's reward is the score at its last
+token (the response's `<|im_end|>`), as transformers' Qwen2ForSequenceClassification pools it;
+on the same pairs as DPO, loss = -log sigmoid(r_chosen - r_rejected) (Bradley-Terry), mean over
+the micro-batch's pairs.
 """
 
 from __future__ import annotations
@@ -76,6 +82,43 @@ def dpo_loss(
         "rewards/margin": (chosen - rejected).detach().mean(),
         "rewards/accuracy": (chosen > rejected).float().mean(),
     }
+
+
+def last_token_scores(scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """A reward model's output [rows, seq, 1] -> each row's score at its last token [rows]."""
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    return scores[rows, lengths.to(scores.device) - 1, 0]
+
+
+def reward_loss(rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry loss of rewards [chosen..., rejected...] and its metrics."""
+    k = rewards.shape[0] // 2
+    chosen, rejected = rewards[:k], rewards[k:]
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    value = loss.detach().clone()
+    r = rewards.detach()
+    return loss, {
+        "objective": value,
+        "reward_loss": value,
+        "rewards/chosen": chosen.detach().mean(),
+        "rewards/rejected": rejected.detach().mean(),
+        "rewards/margin": (chosen - rejected).detach().mean(),
+        "rewards/accuracy": (chosen > rejected).float().mean(),
+        "rewards/mean": r.mean(),
+        "rewards/std": r.std(correction=0),
+    }
+
+
+def reward_step(data_iterator, model):
+    """A reward model on preference pairs: Bradley-Terry loss of the last-token scores."""
+    batch: Batch = next(data_iterator)
+    device = runtime.device()
+    output = model(batch.tokens.to(device), batch.positions.to(device), None)
+
+    def loss_func(scores: torch.Tensor):
+        return reward_loss(last_token_scores(scores.float(), batch.lengths))
+
+    return output, loss_func
 
 
 class Dpo:

@@ -13,8 +13,9 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from upcycle import runtime
-from upcycle.config import Layout, ModelConfig, TrainConfig
+from upcycle.config import Layout, ModelConfig
 from upcycle.moe.model import build_model
+from upcycle.train_config import TrainConfig
 
 
 def param_dtype(train: TrainConfig) -> torch.dtype:

@@ -1,7 +1,8 @@
 """The training loop every rank runs: megatron-core model chunks, DDP, optimizer and schedule.
 
 One loop for every objective (upcycle.platform.objectives): pretraining on token shards, SFT on
-packed ChatML conversations, DPO on preference pairs against a frozen reference model.
+packed ChatML conversations, DPO on preference pairs against a frozen reference model, and a
+reward model (score head) on the same pairs.
 
 `train(job, sink)` (a `upcycle.platform.job.TrainJob`) is the same code in a Ray Train worker
 (`upcycle.platform.ray_train`, where the sink reports checkpoints to Ray) and in one plain process
@@ -47,9 +48,9 @@ from upcycle.platform.checkpoint import (
 )
 from upcycle.platform.data import Samples, StepBatches, TokenWindows
 from upcycle.platform.distributed import init_parallel_state
-from upcycle.platform.job import TrainJob
+from upcycle.platform.job import PAIRED, TrainJob
 from upcycle.platform.metrics import ExpertLoad, peak_flops, train_flops_per_token
-from upcycle.platform.objectives import Dpo, lm_step
+from upcycle.platform.objectives import Dpo, lm_step, reward_step
 from upcycle.platform.plots import expert_load_heatmap
 from upcycle.platform.step import build_chunks, build_optimizer, param_dtype
 from upcycle.platform.tracking import RunTracker
@@ -263,7 +264,8 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
         seed=t.seed,
     )
     n_micro = batches.num_microbatches
-    rows_per_micro = layout.micro_batch_size * (2 if dpo else 1)  # DPO: chosen + rejected rows
+    rows_per_pair = 2 if job.objective in PAIRED else 1  # preference pairs: chosen + rejected rows
+    rows_per_micro = layout.micro_batch_size * rows_per_pair
     keys = _metric_keys(job)
     schedule = dict(
         num_microbatches=n_micro, seq_length=t.seq_length, micro_batch_size=rows_per_micro
@@ -289,7 +291,7 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
             dpo.reference(forward_backward, ref_chunks, micro, **schedule)
             aux_loss.reset()  # the reference's router losses are not the policy's
         losses = forward_backward(
-            forward_step_func=dpo.policy_step if dpo else lm_step,
+            forward_step_func=_step_func(job, dpo),
             data_iterator=[iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro),
             model=chunks,
             forward_only=False,
@@ -303,7 +305,7 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
         metrics.update(
             grad_norm=float("nan") if grad_norm is None else float(grad_norm),  # clip_grad=0
             lr=lr,
-            tokens_per_s=layout.global_batch_size * t.seq_length / elapsed * (2 if dpo else 1),
+            tokens_per_s=layout.global_batch_size * t.seq_length / elapsed * rows_per_pair,
             step_time_s=elapsed,
             mfu=flops_per_step / elapsed / peak if peak else 0.0,
         )
@@ -338,20 +340,25 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
     return metrics
 
 
+def _step_func(job: TrainJob, dpo: Dpo | None):
+    if dpo:
+        return dpo.policy_step
+    return reward_step if job.objective == "reward" else lm_step
+
+
+_PAIR_METRICS = ["rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"]
+
+
 def _metric_keys(job: TrainJob) -> list[str]:
     """The keys of the objective's loss-function dicts (upcycle.platform.objectives)."""
     if job.objective == "dpo":
-        return [
-            "objective",
-            "dpo_loss",
-            "rewards/chosen",
-            "rewards/rejected",
-            "rewards/margin",
-            "rewards/accuracy",
-        ]
+        return ["objective", "dpo_loss", *_PAIR_METRICS]
+    if job.objective == "reward":
+        return ["objective", "reward_loss", *_PAIR_METRICS, "rewards/mean", "rewards/std"]
     return ["objective", "lm_loss"]
 
 
 def _headline(metrics: dict[str, float]) -> dict[str, float]:
-    keys = ("loss", "lm_loss", "dpo_loss", "aux_loss", "grad_norm", "lr", "tokens_per_s")
+    keys = ("loss", "lm_loss", "dpo_loss", "reward_loss", "rewards/accuracy", "aux_loss",
+            "grad_norm", "lr", "tokens_per_s")  # fmt: skip
     return {k: metrics[k] for k in keys if k in metrics}

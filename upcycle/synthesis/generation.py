@@ -9,7 +9,7 @@ runs all K samples of its group's prompts through one engine at once.
 
 Reproducible: sample k of prompt i draws from its own generator seeded from (seed, i, k), and
 the groups are fixed by the driver (not by how Ray Data splits blocks), so a seed gives the
-same samples whatever the number of workers. Output, one line per prompt: the prompt record
+same samples whatever the number of workers (upcycle.synthesis.pool). Output, one line per prompt: the prompt record
 plus "samples": [{"text", "completion_tokens", "logprob" (summed over the completion),
 "finish_reason"}], written to a temporary file renamed onto OUT.
 """
@@ -17,7 +17,6 @@ plus "samples": [{"text", "completion_tokens", "logprob" (summed over the comple
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 from upcycle.deploy.sampling import SamplingParams
 from upcycle.platform.chat_data import read_jsonl
 from upcycle.platform.data import DataError
+from upcycle.synthesis.pool import map_groups, refuse_existing, write_jsonl
 
 GROUP = 8  # prompts per Ray Data row: the unit of work of one engine call
 
@@ -140,28 +140,12 @@ def generate(
     ckpt: Path, runner: dict, prompts: list[dict], spec: GenerateSpec, out: Path, *, workers: int
 ) -> Generated:
     """Generate with `workers` engine actors on the connected Ray cluster; write OUT."""
-    import ray.data
-
-    out = Path(out).absolute()
-    if out.exists():
-        raise FileExistsError(f"{out} exists; choose a new output file")
-    indexed = list(enumerate(prompts))
-    groups = [{"group": json.dumps(indexed[i : i + GROUP])} for i in range(0, len(indexed), GROUP)]
+    out = refuse_existing(out)
     start = time.monotonic()
-    ds = ray.data.from_items(groups, override_num_blocks=len(groups)).map(
-        SampleGenerator,
-        fn_constructor_kwargs={"ckpt": str(ckpt), "runner": runner, "spec": vars(spec)},
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=runner.get("cpus_per_rank", 1.0),
-    )
-    rows = sorted(
-        (pair for r in ds.take_all() for pair in json.loads(r["group"])), key=lambda p: p[0]
-    )
+    actor = {"ckpt": str(ckpt), "runner": runner, "spec": vars(spec)}
+    cpus = runner.get("cpus_per_rank", 1.0)
+    done = map_groups(prompts, SampleGenerator, actor, group=GROUP, workers=workers, num_cpus=cpus)
     seconds = time.monotonic() - start
-    done = [record for _, record in rows]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in done))
-    os.replace(tmp, out)
+    write_jsonl(out, done)
     tokens = sum(s["completion_tokens"] for r in done for s in r["samples"])
     return Generated(len(done), len(done) * spec.samples, tokens, seconds)

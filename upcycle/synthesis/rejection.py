@@ -7,7 +7,8 @@ Output folder (written whole or not at all, with a manifest):
 - sft.jsonl: {"messages": prompt + [{"role": "assistant", "content": accepted}]} for every
   distinct accepted sample (the format `upcycle sft` reads);
 - dpo.jsonl: {"prompt", "chosen", "rejected"}: per prompt, its i-th distinct accepted sample
-  against its i-th distinct rejected one, i < min(accepted, rejected) (the `upcycle dpo` format);
+  against its i-th distinct rejected one, i < min(accepted, rejected) (the `upcycle dpo` format),
+  accepted ones best score first, rejected ones worst first (with `reward`: best vs worst);
 - report.json: every prompt's samples, accepted count and rate; the overall figures.
 Execution verdicts run side by side (one sandboxed process each, `os.cpu_count()` at a time).
 """
@@ -24,7 +25,7 @@ from upcycle.atomic import atomic_directory
 from upcycle.platform.chat_data import read_jsonl
 from upcycle.platform.data import DataError
 from upcycle.synthesis.sandbox import DEFAULT_LIMITS, Limits
-from upcycle.synthesis.verifiers import Verdict, verifier
+from upcycle.synthesis.verifiers import Verdict, best_of_n, check_name, verifier
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Prompt:
     line: int
     task: dict
     samples: list[str]
+    rewards: list[float | None]  # `upcycle reward score`'s, where the file was scored
 
     @property
     def messages(self) -> list[dict]:
@@ -58,7 +60,8 @@ def read_generated(path: Path) -> list[Prompt]:
         if not all(isinstance(t, str) for t in texts):
             raise DataError(f"{where}: every sample needs a string 'text'")
         task = {k: v for k, v in record.items() if k != "samples"}
-        prompts.append(Prompt(number, task, texts))
+        rewards = [s.get("reward") for s in samples]
+        prompts.append(Prompt(number, task, texts, rewards))
     return prompts
 
 
@@ -75,23 +78,13 @@ class Rejection:
 
 def reject(prompts: list[Prompt], verifier_name: str, limits: Limits = DEFAULT_LIMITS) -> Rejection:
     """Verify every sample; the SFT conversations, DPO pairs and report of the module docstring."""
-    check = verifier(verifier_name, limits)
-    jobs = [(p, text) for p in prompts for text in p.samples]
-
-    def verdict(job: tuple[Prompt, str]) -> Verdict:
-        prompt, text = job
-        try:
-            return check(text, prompt.task)
-        except ValueError as e:
-            raise DataError(f"line {prompt.line}: {e}") from None
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        verdicts = iter(list(pool.map(verdict, jobs)))
+    check_name(verifier_name)
     per_prompt, sft, dpo = [], [], []
-    for p in prompts:
-        judged = [(text, next(verdicts)) for text in p.samples]
-        good = _distinct([t for t, v in judged if v.accepted])
-        bad = _distinct([t for t, v in judged if not v.accepted])
+    for p, verdicts in zip(prompts, _verdicts(prompts, verifier_name, limits), strict=True):
+        judged = list(zip(p.samples, verdicts, strict=True))
+        # best accepted first, worst rejected first; file order among equal scores
+        good = _distinct([t for t, v in sorted(judged, key=lambda j: -j[1].score) if v.accepted])
+        bad = _distinct([t for t, v in sorted(judged, key=lambda j: j[1].score) if not v.accepted])
         sft += [{"messages": p.messages + [{"role": "assistant", "content": t}]} for t in good]
         dpo += [{"prompt": p.task["prompt"], "chosen": g, "rejected": b}
                 for g, b in zip(good, bad, strict=False)]  # fmt: skip
@@ -115,6 +108,26 @@ def reject(prompts: list[Prompt], verifier_name: str, limits: Limits = DEFAULT_L
         "per_prompt": per_prompt,
     }
     return Rejection(report, sft, dpo)
+
+
+def _verdicts(prompts: list[Prompt], name: str, limits: Limits) -> list[list[Verdict]]:
+    """Each prompt's verdicts: from its rewards (`reward`), or each sample verified on its own,
+    side by side."""
+    if name == "reward":
+        return [_named(p, best_of_n, p.rewards) for p in prompts]
+    check = verifier(name, limits)
+    jobs = [(p, text) for p in prompts for text in p.samples]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        flat = iter(list(pool.map(lambda job: _named(job[0], check, job[1], job[0].task), jobs)))
+    return [[next(flat) for _ in p.samples] for p in prompts]
+
+
+def _named(prompt: Prompt, fn, *args):
+    """`fn(*args)`, its ValueError naming the prompt's line."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise DataError(f"line {prompt.line}: {e}") from None
 
 
 def write(result: Rejection, out: Path) -> None:

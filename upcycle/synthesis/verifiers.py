@@ -8,6 +8,9 @@
   signature) + the sample (its first ```python block if it has one), run in `sandbox` with the
   task's `tests` (statements such as asserts); the score is the share of tests passed and the
   sample is accepted when all pass.
+- `reward`: best-of-N by a reward model. Each sample carries the `reward` that `upcycle reward
+  score` gave it; a prompt's highest-rewarded sample is accepted (the first of equals), the
+  others rejected. A judgement over a prompt's samples together, not one sample at a time.
 A task is one record of a generated file: its fields (`answer`, or `tests` and `code_prefix`)
 travel with the prompt from the prompts file through `upcycle generate`.
 """
@@ -22,7 +25,7 @@ from fractions import Fraction
 
 from upcycle.synthesis.sandbox import DEFAULT_LIMITS, Limits, run_program
 
-VERIFIERS = ("exact", "execution")
+VERIFIERS = ("exact", "execution", "reward")
 
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
@@ -90,11 +93,28 @@ def verify_execution(sample: str, task: dict, limits: Limits = DEFAULT_LIMITS) -
                    + (f"; {outcome.error}" if outcome.error else ""))  # fmt: skip
 
 
+def best_of_n(rewards: list[float | None]) -> list[Verdict]:
+    """`reward`: the verdicts on one prompt's samples from their rewards."""
+    if any(not isinstance(r, int | float) for r in rewards):
+        raise ValueError(
+            "reward: the reward verifier needs every sample's 'reward'; score the file with "
+            "`upcycle reward score` first"
+        )
+    best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
+    return [Verdict(i == best, float(r), f"reward {r:.4f}") for i, r in enumerate(rewards)]
+
+
+def check_name(name: str) -> None:
+    """A ValueError naming the known verifiers if `name` is not one."""
+    if name not in VERIFIERS:
+        raise ValueError(f"verifier: unknown {name!r}; use one of {', '.join(VERIFIERS)}")
+
+
 def verifier(name: str, limits: Limits = DEFAULT_LIMITS) -> Callable[[str, dict], Verdict]:
-    """The verifier called `name` (execution programs run under `limits`); a ValueError naming
-    the known ones otherwise."""
+    """The one-sample verifier called `name` (execution programs run under `limits`)."""
+    check_name(name)
     if name == "exact":
         return verify_exact
     if name == "execution":
         return functools.partial(verify_execution, limits=limits)
-    raise ValueError(f"verifier: unknown {name!r}; use one of {', '.join(VERIFIERS)}")
+    raise ValueError(f"verifier: {name!r} judges a prompt's samples together (best_of_n)")

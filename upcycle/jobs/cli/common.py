@@ -19,11 +19,15 @@ runs_app = typer.Typer(no_args_is_help=True, help="MLflow runs.")
 synthesize_app = typer.Typer(
     no_args_is_help=True, help="Machine-made post-training data (rejection sampling)."
 )
+reward_app = typer.Typer(
+    no_args_is_help=True, help="Reward models: train on preference pairs, score replies."
+)
 app.add_typer(model_app, name="model")
 app.add_typer(checkpoint_app, name="checkpoint")
 app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
 app.add_typer(synthesize_app, name="synthesize")
+app.add_typer(reward_app, name="reward")
 # Not a terminal (CI, pipes): wide enough that tables are not truncated.
 console = Console(width=None if sys.stdout.isatty() else 160)
 

@@ -1,5 +1,5 @@
-"""`upcycle generate` (batch sampling) and `upcycle synthesize rejection` (post-training data
-from the samples a verifier accepts)."""
+"""`upcycle generate` (batch sampling), `upcycle reward score` (rewards of pairs or samples) and
+`upcycle synthesize rejection` (post-training data from the samples a verifier accepts)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from upcycle.jobs.cli.common import (
     app,
     console,
     fail,
+    reward_app,
     submit_if_remote,
     synthesize_app,
 )
@@ -21,7 +22,11 @@ from upcycle.jobs.cli.common import (
 def rejection(
     generated: Path = typer.Argument(..., help="a generated JSONL file (upcycle generate)"),
     out: Path = typer.Argument(..., help="new folder for sft.jsonl, dpo.jsonl, report.json"),
-    verifier: str = typer.Option(..., help="exact (final answer) or execution (run the tests)"),
+    verifier: str = typer.Option(
+        ...,
+        help="exact (final answer), execution (run the tests) or reward (best-of-N on the "
+        "samples' rewards: upcycle reward score)",
+    ),
     timeout: float = typer.Option(10.0, min=0.1, help="execution: seconds per program"),
     memory_gib: float = typer.Option(1.0, min=0.1, help="execution: address space per program"),
     run_name: str = typer.Option(None, help="MLflow run name"),
@@ -79,4 +84,32 @@ def generate(
         f"{done.samples} samples of {done.prompts} prompts, {done.completion_tokens:,} tokens "
         f"in {done.seconds:.1f} s: {done.tokens_per_s:,.1f} tokens/s with {workers} worker(s) "
         f"-> {out}"
+    )
+
+
+@reward_app.command("score")
+def reward_score(
+    model: str = typer.Argument(
+        ..., help="a reward model: checkpoint, HF folder, runs:/, models:/"
+    ),
+    data: Path = typer.Argument(..., help="JSONL: pairs (prompt/chosen/rejected) or samples"),
+    out: Path = typer.Argument(..., help="new JSONL file: the records with their rewards"),
+    max_length: int = typer.Option(1024, help="tokens per prompt + reply (the reply is cut)"),
+    workers: int = typer.Option(1, help="scorer actors (Ray Data actor pool)"),
+    address: str = typer.Option(None, help=ADDRESS_HELP),
+) -> None:
+    """Score every reply with a reward model: pairs gain chosen_reward/rejected_reward, samples
+    gain reward (then `synthesize rejection --verifier reward` keeps the best of N)."""
+    from upcycle.config import ConfigError
+    from upcycle.jobs.synthesize import run_reward_score
+
+    try:
+        submit_if_remote(address)
+        records, tokens, seconds = run_reward_score(model, data, out, max_length=max_length,
+                                                    workers=workers)  # fmt: skip
+    except (ValueError, ConfigError, FileExistsError, FileNotFoundError) as e:
+        fail(str(e))
+    console.print(
+        f"{records} records ({tokens:,} tokens) scored in {seconds:.1f} s: "
+        f"{tokens / max(seconds, 1e-9):,.0f} tokens/s with {workers} worker(s) -> {out}"
     )

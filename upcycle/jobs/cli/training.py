@@ -1,4 +1,5 @@
-"""`upcycle train / sft / dpo` on a Ray Train worker group, and the MLflow `runs` commands."""
+"""`upcycle train / sft / dpo / reward train` on a Ray Train worker group, and the MLflow `runs`
+commands."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from upcycle.jobs.cli.common import (
     app,
     console,
     fail,
+    reward_app,
     runs_app,
     submit_if_remote,
 )
 
 
-def _training_command(name: str, objective: str | None, doc: str) -> None:
-    """Register `upcycle NAME SPEC`: one job runner for train, sft and dpo."""
+def _training_command(name: str, objective: str | None, doc: str, group: typer.Typer = app) -> None:
+    """Register `upcycle [GROUP] NAME SPEC`: one job runner for train, sft, dpo and reward."""
 
     def command(
         spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="job spec (YAML)"),
@@ -30,7 +32,7 @@ def _training_command(name: str, objective: str | None, doc: str) -> None:
         _run_training(spec, objective, workers, storage, max_failures, address)
 
     command.__doc__ = doc
-    app.command(name)(command)
+    group.command(name)(command)
 
 
 _training_command(
@@ -54,8 +56,16 @@ _training_command(
 )  # fmt: skip
 
 
+_training_command(
+    "train", "reward",
+    """Train a reward model (the spec's model + a score head) on preference pairs (data: JSONL
+    of {"prompt", "chosen", "rejected"}) with the Bradley-Terry loss; logs accuracy and margin.""",
+    group=reward_app,
+)  # fmt: skip
+
+
 def _run_training(spec, objective, workers, storage, max_failures, address) -> None:
-    """sft/dpo set (or check) the spec's objective; `train` takes it as written."""
+    """sft/dpo/reward set (or check) the spec's objective; `train` takes it as written."""
     import yaml
 
     from upcycle.platform.cluster import ensure_ray
@@ -68,9 +78,10 @@ def _run_training(spec, objective, workers, storage, max_failures, address) -> N
         data = yaml.safe_load(spec.read_text()) or {}
         if objective and isinstance(data, dict):
             if data.setdefault("objective", objective) != objective:
+                command = "reward train" if objective == "reward" else objective
                 raise ConfigError(
                     "objective",
-                    f"{data['objective']!r}, but `upcycle {objective}` runs {objective}",
+                    f"{data['objective']!r}, but `upcycle {command}` runs {objective}",
                 )
         job = TrainJob.from_dict(data)
         job.validate(workers)

@@ -26,7 +26,8 @@ COMMANDS = _paths(typer.main.get_command(app))
 def test_every_command_is_listed():
     names = {" ".join(p) for p in COMMANDS}
     for expected in ("train", "sft", "dpo", "convert", "serve", "eval", "pipeline", "plan",
-                     "data prepare", "data chat-demo", "runs register", "model info"):  # fmt: skip
+                     "data prepare", "data chat-demo", "runs register", "model info", "reward train",
+                     "reward score", "generate", "synthesize rejection"):  # fmt: skip
         assert expected in names
 
 

@@ -166,6 +166,34 @@ def test_import_and_export_on_ranks_round_trip_transformers_moe(group, tmp_path)
             assert torch.allclose(model(tokens).logits, want, atol=1e-5)
 
 
+def test_reward_model_import_and_export_on_ranks(group, tmp_path):
+    """A Qwen2ForSequenceClassification imported on 2 ranks (TP2: each holds the whole score
+    row) and exported from 2 (PP2: the last stage writes `score.weight`) scores as transformers
+    does."""
+    from transformers import AutoModelForSequenceClassification
+
+    from upcycle.conversion.hf_interop import transformers_twin
+    from upcycle.platform.distributed import single_process
+
+    cfg = DENSE.as_reward_model()
+    with single_process(seed=5):
+        model = randomise(build_model(cfg), seed=5, std=0.05).eval()
+    reference = transformers_twin(cfg, model, tmp_path / "hf")
+    tokens = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = reference(tokens).logits[:, 0]  # the score at the last token
+    imported, _ = import_on_ranks(tmp_path / "hf", tmp_path / "ckpt", Layout(tp=2), 2, group=group)
+    assert imported.is_reward_model
+    ours = build_model(imported).eval()
+    load_checkpoint(ours, tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.allclose(ours(tokens, torch.arange(16)[None], None)[:, -1, 0], want, atol=1e-5)
+    export_on_ranks(tmp_path / "ckpt", tmp_path / "back", Layout(pp=2), 2, group=group)
+    back = AutoModelForSequenceClassification.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        assert torch.allclose(back(tokens).logits[:, 0], want, atol=1e-5)
+
+
 def test_bad_input_is_refused_before_any_rank_starts(tmp_path, dense_ckpt):
     with pytest.raises(
         ConfigError, match=r"layout.ep: num_experts \(8\) must be divisible by ep \(3\)"

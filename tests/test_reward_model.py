@@ -231,6 +231,10 @@ def test_bad_reward_input_names_the_fix(tmp_path):
     _checkpoint(tmp_path / "rm", DENSE.as_reward_model(), seed=1)
     with pytest.raises(CheckpointError, match="upcycle reward score"):
         load_checkpoint(build_model(DENSE), tmp_path / "rm")
+    with pytest.raises(ConfigError, match="init_from: .* is a reward model"):
+        _job(
+            tmp_path, pairs, objective="dpo", model=DENSE, init_from=str(tmp_path / "rm")
+        ).validate(1)
     from upcycle.deploy.runner import RunnerConfig
 
     with pytest.raises(ConfigError, match="model: .* does not generate"):

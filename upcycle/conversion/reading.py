@@ -117,7 +117,9 @@ def read_shard(folder: SafetensorsFolder, cfg: ModelConfig, s: Shard) -> torch.T
         return [*whole[:dim], s.bounds(full[dim]) if s.dim == dim else whole[dim]]
 
     if key in VOCAB_KEYS:
-        name = "lm_head.weight" if key == "output_layer.weight" else "model.embed_tokens.weight"
+        name = "model.embed_tokens.weight"
+        if key == "output_layer.weight":
+            name = "score.weight" if cfg.is_reward_model else "lm_head.weight"
         return folder.read(name, *span(0))
     if key in HF_TOP_NAMES:
         return folder.read(HF_TOP_NAMES[key])

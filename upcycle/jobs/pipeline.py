@@ -7,6 +7,8 @@
     -> SFT, then DPO, of the MoE on chat data made from the stdlib's docstrings (Ray Train, EP)
     -> rejection sampling: K samples of arithmetic prompts (Ray Data, the serving engine), the
        exact verifier's accepted ones as SFT/DPO files (MLflow run)
+    -> a reward model: the SFT model with a score head trained on the DPO pairs (Ray Train,
+       EP), its rewards of those samples (Ray Data) and their best-of-N as SFT/DPO files
     -> held-out perplexity of each model; needle-in-a-haystack of the final one past its
        trained length with Dual Chunk Attention (Ray tasks, MLflow runs)
     -> serve the final model (Ray Serve) and answer one chat completion over HTTP
@@ -51,6 +53,7 @@ class PipelineConfig:
     sft_steps: int = 30
     dpo_steps: int = 16
     dpo_pairs: int = 32  # 4 passes over them in 16 steps of 8 pairs: the margin visibly grows
+    reward_steps: int = 8
     lr: float = 3e-3
     post_lr: float = 1e-3  # SFT and DPO
     needle_lengths: tuple[int, ...] = (128, 256, 512)  # trained at seq_length: DCA beyond
@@ -69,6 +72,7 @@ class PipelineResult:
     perplexity: dict[str, float] = dataclasses.field(default_factory=dict)
     needle_accuracy: float = 0.0
     acceptance: float = 0.0  # rejection sampling's share of accepted samples
+    reward_checkpoint: Path | None = None
     reply: str = ""
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -157,6 +161,17 @@ def run(cfg: PipelineConfig, console: Console) -> PipelineResult:
             f"prompts, acceptance {result.acceptance:.0%} (exact verifier) -> {out / 'synth'}"
         )
 
+    def reward_model() -> None:
+        result.reward_checkpoint = _train(
+            cfg, "pipeline-reward", "tiny-moe", chat / "dpo.jsonl", Layout(ep=2),
+            cfg.reward_steps, result.sft_checkpoint, objective="reward",
+        )  # fmt: skip
+        pairs = _best_of_n(cfg, result.reward_checkpoint, out / "synth")
+        console.print(
+            f"reward model: {cfg.reward_steps} steps on {chat / 'dpo.jsonl'}; the samples scored, "
+            f"best vs worst of each prompt: {pairs} DPO pairs -> {out / 'synth' / 'best-of-n'}"
+        )
+
     def evaluate() -> None:
         from upcycle.jobs.evaluate import run as evaluate_run
         from upcycle.jobs.needle import NeedleSpec
@@ -197,6 +212,7 @@ def run(cfg: PipelineConfig, console: Console) -> PipelineResult:
     stage("SFT tiny-moe", sft)
     stage("DPO tiny-moe", dpo)
     stage("rejection sampling: generate, verify", synthesize)
+    stage("reward model: train, score, best-of-N", reward_model)
     stage("evaluate: perplexity, needle in a haystack", evaluate)
     stage("serve and chat", serve_and_chat)
     _print_runs(cfg.tracking_uri, console)
@@ -274,6 +290,24 @@ def _rejection_sampling(cfg: PipelineConfig, ckpt: Path, out: Path) -> float:
         run_rejection(generated, rejection, verifier_name="exact",
                       run_name="pipeline-rejection", tracking_uri=cfg.tracking_uri)  # fmt: skip
     return json.loads((rejection / "report.json").read_text())["acceptance_rate"]
+
+
+def _best_of_n(cfg: PipelineConfig, reward_ckpt: Path, synth: Path) -> int:
+    """Score the generated samples with the reward model (Ray Data) and keep each prompt's best
+    (`--verifier reward`); the number of DPO pairs. Reuses a finished earlier run."""
+    import json
+
+    from upcycle.jobs.synthesize import run_rejection, run_reward_score
+
+    best = synth / "best-of-n"
+    if not _valid(best):
+        scored = synth / "scored.jsonl"
+        if not scored.exists():  # written whole (renamed) or not at all
+            run_reward_score(str(reward_ckpt), synth / "generated.jsonl", scored,
+                             max_length=cfg.seq_length, workers=1)  # fmt: skip
+        run_rejection(scored, best, verifier_name="reward", run_name="pipeline-best-of-n",
+                      tracking_uri=cfg.tracking_uri)  # fmt: skip
+    return json.loads((best / "report.json").read_text())["dpo_pairs"]
 
 
 def _serve_and_chat(ckpt: Path, prompt: str, console: Console) -> str:

@@ -66,6 +66,12 @@ def check_pair(dense: ModelConfig, moe: ModelConfig, s: UpcycleSettings) -> None
         )
     if not moe.is_moe:
         raise ConfigError("to", f"{moe.name} is dense; choose a MoE preset or config")
+    if dense.is_reward_model or moe.is_reward_model:
+        raise ConfigError(
+            "from" if dense.is_reward_model else "to",
+            "upcycling turns a language model into one; upcycle the language model, then train "
+            "the MoE reward model from it (`upcycle reward train`)",
+        )
     if (
         dense.vocab_size != moe.vocab_size
         and min(dense.vocab_size, moe.vocab_size) < TOKENIZER_VOCAB

@@ -1,4 +1,5 @@
-"""Post-training samples from JSONL: ChatML conversations (SFT) and preference pairs (DPO).
+"""Post-training samples from JSONL: ChatML conversations (SFT) and preference pairs (DPO and
+reward models).
 
 SFT, one conversation per line: {"messages": [{"role": "user", "content": "..."},
 {"role": "assistant", "content": "..."}, ...]}. The loss covers the assistant's tokens only
@@ -10,7 +11,8 @@ Unpacked (`sft.pack: false`), each conversation has a row of its own, padded.
 DPO, one pair per line: {"prompt": "..." or [messages], "chosen": "...", "rejected": "..."}.
 A sample is one pair; it becomes two rows (prompt + chosen, prompt + rejected), and a micro-batch
 of k pairs is 2k rows: the k chosen rows, then the k rejected rows. The loss mask covers the
-response (and its `<|im_end|>`), whose summed log-probabilities DPO compares.
+response (and its `<|im_end|>`), whose summed log-probabilities DPO compares; `Batch.lengths`
+says where each row ends, for a reward model's score at its last token.
 
 Offline post-training sets are small next to a pretraining corpus, so each rank tokenizes the
 file at job start (tiktoken) instead of a `upcycle data prepare` pass; the samples depend only
@@ -131,7 +133,8 @@ class PackedConversations:
 
 
 class PreferencePairs:
-    """DPO samples: (prompt, chosen, rejected) triples, each two rows of `seq_length` tokens."""
+    """DPO and reward samples: (prompt, chosen, rejected) triples, each two rows of
+    `seq_length` tokens."""
 
     def __init__(self, path: Path, seq_length: int):
         self.path, self.seq_length = Path(path), seq_length

@@ -133,9 +133,11 @@ def load_checkpoint(model: GPTModel | Sequence[torch.nn.Module], ckpt_dir: Path)
     check_metadata(ckpt_dir / WEIGHTS)
     chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
     request = _model_state(chunks)
-    scores = any(isinstance(getattr(_unwrap(c), "output_layer", None), ScoreHead) for c in chunks)
+    # the last pipeline stage's head says which kind this rank holds (other stages have none)
+    heads = [_unwrap(c).output_layer for c in chunks if getattr(_unwrap(c), "post_process", 0)]
+    scores = any(isinstance(h, ScoreHead) for h in heads)
     saved_scores = read_model_config(ckpt_dir).is_reward_model
-    if saved_scores and not scores:
+    if saved_scores and heads and not scores:
         raise CheckpointError(
             f"{ckpt_dir} is a reward model (head 'score'): it has no LM head to load into a "
             "language model; score text with it (`upcycle reward score`)"

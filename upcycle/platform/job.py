@@ -95,6 +95,7 @@ class TrainJob:
                 f"'score' (a reward model) trains only with objective reward, not "
                 f"{self.objective!r}; start {self.objective} from a language model",
             )
+        self._check_start_is_a_language_model()
         layout = self.layout.resolve(world_size)
         layout.check_model(self.model)
         if self.train.seq_length > self.model.max_position_embeddings:
@@ -139,6 +140,24 @@ class TrainJob:
         if self.objective in PAIRED:
             return PreferencePairs(Path(self.data), t.seq_length)
         return TokenWindows(TokenDataset(Path(self.data)), t.seq_length)
+
+    def _check_start_is_a_language_model(self) -> None:
+        """A reward checkpoint has no LM head: only another reward job may start from it."""
+        from upcycle.platform.checkpoint import MODEL_CONFIG, read_model_config
+
+        if self.objective == "reward":
+            return
+        starts = {"init_from": self.init_from, "resume_from": self.resume_from}
+        if self.objective == "dpo":
+            starts["dpo.reference"] = self.reference
+        for name, path in starts.items():
+            if path and (Path(path) / MODEL_CONFIG).is_file():
+                if read_model_config(Path(path)).is_reward_model:
+                    raise ConfigError(
+                        name,
+                        f"{path} is a reward model (head 'score'); {self.objective} starts from "
+                        "a language model checkpoint (score text with `upcycle reward score`)",
+                    )
 
     @property
     def reference(self) -> str | None:

@@ -1,11 +1,16 @@
 """upcycle: train, upcycle (dense -> fine-grained MoE) and serve Qwen2-family models on Ray."""
 
+import logging
 import warnings
 
 # megatron-core warns at import, in every process, that Apex and Transformer Engine are absent:
 # expected without a GPU and said once in the README. Filtered here, before any upcycle module
 # imports megatron-core (Ray workers import `upcycle` first when they unpickle our functions).
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed")
+# ... and logs at INFO (shown by Ray Train workers, once per worker and stage) that Megatron-FSDP,
+# which upcycle does not use, runs without Transformer Engine
+_FSDP_LOG = "megatron.core.distributed.fsdp.src.megatron_fsdp.mixed_precision"
+logging.getLogger(_FSDP_LOG).setLevel(logging.WARNING)
 # torch 2.13 deprecates APIs that megatron-core 0.16.1's distributed checkpointing and
 # all-gathers still call (`load_state_dict`, ShardedTensor, all_gather_into_tensor): nothing a
 # user can act on, and each Ray worker of each stage printed them again.

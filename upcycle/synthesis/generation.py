@@ -8,10 +8,10 @@ endpoint does. Ray Data sends groups of prompts to an actor pool; each actor hol
 runs all K samples of its group's prompts through one engine at once.
 
 Reproducible: sample k of prompt i draws from its own generator seeded from (seed, i, k), and
-the groups are fixed by the driver (not by how Ray Data splits blocks), so a seed gives the
-same samples whatever the number of workers (upcycle.synthesis.pool). Output, one line per prompt: the prompt record
-plus "samples": [{"text", "completion_tokens", "logprob" (summed over the completion),
-"finish_reason"}], written to a temporary file renamed onto OUT.
+the groups are fixed by the driver (not by how Ray Data splits blocks; upcycle.synthesis.pool),
+so a seed gives the same samples whatever the number of workers. Output, one line per prompt:
+the prompt record plus "samples": [{"text", "completion_tokens", "logprob" (summed over the
+completion), "finish_reason"}], written to a temporary file renamed onto OUT.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ def map_groups(
 
 
 def refuse_existing(out: Path) -> Path:
+    """OUT as an absolute path; a FileExistsError if something is already there."""
     out = Path(out).absolute()
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new output file")

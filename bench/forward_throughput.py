@@ -1,6 +1,7 @@
 """Forward-pass tokens/s of our megatron-core model vs transformers on the same weights.
 
     .venv/bin/python bench/forward_throughput.py [--preset moe-bench|tiny-moe] [--steps 5]
+        [--reward]   (the reward model: score head vs transformers' *ForSequenceClassification)
 
 Both models run in this process, on the same config, batch and thread count; the script prints the
 median of each and their ratio. (The training-step benchmark belongs to the training issue.)
@@ -49,14 +50,21 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reward", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = MOE_BENCH if args.preset == "moe-bench" else from_name(args.preset)
-    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+    if args.reward:
+        cfg = cfg.as_reward_model().replace(name=cfg.name + "-reward")
+    tokens = torch.randint(0, cfg.vocab_size - 1, (args.batch, args.seq))
     positions = torch.arange(args.seq).expand_as(tokens)
     with single_process(), tempfile.TemporaryDirectory() as tmp:
         ours = build_model(cfg).eval()
         theirs = transformers_twin(cfg, ours, Path(tmp) / "hf")
+        if args.reward and theirs.config.pad_token_id is None:
+            # a small vocabulary has no <|endoftext|> to pad with; an id the batch never holds
+            # lets transformers pool each row's last token, as it does with real padding
+            theirs.config.pad_token_id = cfg.vocab_size - 1
         with torch.no_grad():
             t_ours = median_seconds(lambda: ours(tokens, positions, None), args.steps)
             t_theirs = median_seconds(lambda: theirs(tokens), args.steps)

@@ -72,11 +72,19 @@ def dpo_loss(
     k = policy.shape[0] // 2
     chosen = beta * (policy[:k] - reference[:k])
     rejected = beta * (policy[k:] - reference[k:])
+    return _bradley_terry(chosen, rejected, "dpo_loss")
+
+
+def _bradley_terry(
+    chosen: torch.Tensor, rejected: torch.Tensor, name: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """-log sigmoid(chosen - rejected), mean over pairs, logged as `name`, and the pair metrics
+    DPO's implicit rewards and a reward model's scores share."""
     loss = -F.logsigmoid(chosen - rejected).mean()
-    value = loss.detach().clone()
+    value = loss.detach().clone()  # the schedule divides `loss` in place
     return loss, {
         "objective": value,
-        "dpo_loss": value,
+        name: value,
         "rewards/chosen": chosen.detach().mean(),
         "rewards/rejected": rejected.detach().mean(),
         "rewards/margin": (chosen - rejected).detach().mean(),
@@ -93,20 +101,9 @@ def last_token_scores(scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tens
 def reward_loss(rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Bradley-Terry loss of rewards [chosen..., rejected...] and its metrics."""
     k = rewards.shape[0] // 2
-    chosen, rejected = rewards[:k], rewards[k:]
-    loss = -F.logsigmoid(chosen - rejected).mean()
-    value = loss.detach().clone()
+    loss, metrics = _bradley_terry(rewards[:k], rewards[k:], "reward_loss")
     r = rewards.detach()
-    return loss, {
-        "objective": value,
-        "reward_loss": value,
-        "rewards/chosen": chosen.detach().mean(),
-        "rewards/rejected": rejected.detach().mean(),
-        "rewards/margin": (chosen - rejected).detach().mean(),
-        "rewards/accuracy": (chosen > rejected).float().mean(),
-        "rewards/mean": r.mean(),
-        "rewards/std": r.std(correction=0),
-    }
+    return loss, {**metrics, "rewards/mean": r.mean(), "rewards/std": r.std(correction=0)}
 
 
 def reward_step(data_iterator, model):

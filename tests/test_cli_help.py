@@ -27,7 +27,7 @@ def test_every_command_is_listed():
     names = {" ".join(p) for p in COMMANDS}
     for expected in ("train", "sft", "dpo", "convert", "serve", "eval", "pipeline", "plan",
                      "data prepare", "data chat-demo", "runs register", "model info", "reward train",
-                     "reward score", "generate", "synthesize rejection"):  # fmt: skip
+                     "reward score", "generate", "synthesize rejection", "rlhf"):  # fmt: skip
         assert expected in names
 
 

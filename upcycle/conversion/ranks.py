@@ -22,7 +22,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from upcycle.atomic import describe
@@ -31,9 +30,8 @@ from upcycle.conversion.reading import CheckpointDense, HFDense, SafetensorsFold
 from upcycle.conversion.shards import (
     VOCAB_KEYS,
     Coords,
-    Shard,
     check_chunk,
-    join,
+    gather,
     plan,
     take,
     this_rank,
@@ -153,19 +151,6 @@ def import_rank(hf_dir: str, cfg: ModelConfig, layout: Layout, staging: str) -> 
     return _finish(report, started)
 
 
-def _gather(t: torch.Tensor, s: Shard) -> torch.Tensor:
-    if s.parts == 1:
-        return t
-    group = (
-        parallel_state.get_expert_tensor_parallel_group()
-        if s.expert
-        else parallel_state.get_tensor_model_parallel_group()
-    )
-    pieces = [torch.empty_like(t) for _ in range(s.parts)]
-    dist.all_gather(pieces, t.contiguous(), group=group)
-    return join(pieces, s)
-
-
 @torch.no_grad()
 def export_rank(
     ckpt: str,
@@ -185,7 +170,7 @@ def export_rank(
     for s in shards:
         if not s.primary(c):  # a data-parallel copy (the whole TP group skips it together)
             continue
-        full = _gather(tensors[s.local].detach(), s)
+        full = gather(tensors[s.local].detach(), s)
         if writes(s, c):
             for name, t in hf_of(cfg, s.key, full).items():
                 writer.add(name, t)

@@ -150,6 +150,21 @@ def join(pieces: list[torch.Tensor], s: Shard) -> torch.Tensor:
     return torch.cat(pieces, dim=s.dim)
 
 
+def gather(t: torch.Tensor, s: Shard) -> torch.Tensor:
+    """The full tensor of `s` from this rank's piece `t`: an all-gather within its TP group
+    (routed experts: expert-TP) that every rank of the group joins."""
+    if s.parts == 1:
+        return t
+    group = (
+        parallel_state.get_expert_tensor_parallel_group()
+        if s.expert
+        else parallel_state.get_tensor_model_parallel_group()
+    )
+    pieces = [torch.empty_like(t) for _ in range(s.parts)]
+    torch.distributed.all_gather(pieces, t.contiguous(), group=group)
+    return join(pieces, s)
+
+
 @cache
 def _full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return megatron_shapes(cfg)

@@ -73,6 +73,17 @@ def _openapi() -> dict:
 http.openapi = _openapi
 
 
+def engine_args(ckpt: str, rc) -> dict:
+    """An `Engine`'s settings for checkpoint `ckpt` under `RunnerConfig` `rc` (everything but
+    its forward function)."""
+    from upcycle.dense.tokenizer import get_tokenizer
+
+    vocab_limit, eos = engine_limits(ckpt)
+    return dict(max_num_seqs=rc.max_num_seqs, max_model_len=rc.max_model_len,
+                max_step_tokens=rc.max_step_tokens, eos_ids=eos, vocab_limit=vocab_limit,
+                decode=get_tokenizer().decode)  # fmt: skip
+
+
 def engine_limits(ckpt: str) -> tuple[int, tuple[int, ...]]:
     from upcycle.dense.tokenizer import get_tokenizer
     from upcycle.platform.checkpoint import read_model_config
@@ -87,20 +98,12 @@ class EngineReplica:
     """One model replica with continuous batching; `generate` streams dicts of `Output`."""
 
     def __init__(self, ckpt: str, runner: dict):
-        from upcycle.dense.tokenizer import get_tokenizer
         from upcycle.deploy.engine import AsyncEngine
         from upcycle.deploy.runner import ModelRunner, RunnerConfig
 
         rc = RunnerConfig(**runner)
-        vocab_limit, eos = engine_limits(ckpt)
         self.engine = AsyncEngine(
-            lambda: ModelRunner(Path(ckpt), rc).forward,
-            max_num_seqs=rc.max_num_seqs,
-            max_model_len=rc.max_model_len,
-            max_step_tokens=rc.max_step_tokens,
-            eos_ids=eos,
-            vocab_limit=vocab_limit,
-            decode=get_tokenizer().decode,
+            lambda: ModelRunner(Path(ckpt), rc).forward, **engine_args(ckpt, rc)
         )
         self.engine.wait_ready(timeout=900)
 

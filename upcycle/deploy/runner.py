@@ -137,7 +137,7 @@ class ModelRunner:
                 rank=rank,
                 timeout=datetime.timedelta(minutes=10),
             )
-        layout = init_parallel_state(Layout(tp=rc.tp, ep=rc.ep))
+        self.layout = layout = init_parallel_state(Layout(tp=rc.tp, ep=rc.ep))
         dtype = rc.torch_dtype
         tconfig = to_transformer_config(self.cfg, layout, params_dtype=dtype)
         self.model = build_model(self.cfg, tconfig).to(runtime.device()).eval()
@@ -173,14 +173,41 @@ class ModelRunner:
             dist.broadcast_object_list([plan], src=0)
         return self._compute(plan)
 
+    def load_weights(self, full: dict[str, torch.Tensor]) -> int:
+        """New weights in memory: full (one-process) tensors by name, each rank taking its
+        piece for this replica's layout (an RLHF weight sync, upcycle.rlhf.sync); rank 0 hands
+        them to the followers first. The bytes this rank copied."""
+        if self.world > 1:
+            dist.broadcast_object_list([_Weights(full)], src=0)
+        return self._load(full)
+
     def follow(self) -> None:
-        """A follower's life: run each broadcast plan until rank 0 sends `None`."""
+        """A follower's life: run each broadcast plan (or load broadcast weights) until rank 0
+        sends `None`."""
         while True:
             box = [None]
             dist.broadcast_object_list(box, src=0)
             if box[0] is None:
                 return
-            self._compute(box[0])
+            if isinstance(box[0], _Weights):
+                self._load(box[0].full)
+            else:
+                self._compute(box[0])
+
+    @torch.no_grad()
+    def _load(self, full: dict[str, torch.Tensor]) -> int:
+        from upcycle.conversion.shards import check_chunk, plan, take, this_rank
+
+        shards = plan(self.cfg, self.layout, this_rank(self.layout))
+        tensors = check_chunk(self.model, shards)
+        nbytes = 0
+        for s in shards:
+            if s.key not in full:
+                raise KeyError(f"weight sync: no tensor {s.key!r} arrived")
+            piece = take(full[s.key], s)
+            tensors[s.local].copy_(piece)
+            nbytes += piece.numel() * piece.element_size()
+        return nbytes
 
     @torch.no_grad()
     def _compute(self, plan: StepPlan) -> torch.Tensor:
@@ -201,6 +228,13 @@ class ModelRunner:
         weight = m.shared_embedding_or_output_weight() if tied else None
         logits, _ = m.output_layer(hidden, weight=weight, runtime_gather_output=True)
         return logits[:, 0].float().cpu()
+
+
+class _Weights:
+    """What rank 0 broadcasts to its followers in place of a plan: new weights."""
+
+    def __init__(self, full: dict[str, torch.Tensor]):
+        self.full = full
 
 
 def _rope_table(model: torch.nn.Module, length: int) -> torch.Tensor:

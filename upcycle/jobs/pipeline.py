@@ -9,6 +9,9 @@
        exact verifier's accepted ones as SFT/DPO files (MLflow run)
     -> a reward model: the SFT model with a score head trained on the DPO pairs (Ray Train,
        EP), its rewards of those samples (Ray Data) and their best-of-N as SFT/DPO files
+    -> online RLHF: online DPO of the DPO model on the arithmetic prompts, scored by the reward
+       model (rollout engine and reward model actors, trainer on Ray Train at EP2, weights
+       synced in memory every iteration)
     -> held-out perplexity of each model; needle-in-a-haystack of the final one past its
        trained length with Dual Chunk Attention (Ray tasks, MLflow runs)
     -> serve the final model (Ray Serve) and answer one chat completion over HTTP
@@ -31,11 +34,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from upcycle.atomic import IntegrityError, verify_manifest
-from upcycle.config import Layout, from_name
-from upcycle.platform.checkpoint import newest_valid
+from upcycle.config import Layout
+from upcycle.jobs import pipeline_stages as stages
 from upcycle.platform.tracking import default_tracking_uri
-from upcycle.train_config import TrainConfig
 
 
 class StageError(RuntimeError):
@@ -54,6 +55,7 @@ class PipelineConfig:
     dpo_steps: int = 16
     dpo_pairs: int = 32  # 4 passes over them in 16 steps of 8 pairs: the margin visibly grows
     reward_steps: int = 8
+    rlhf_iterations: int = 4
     lr: float = 3e-3
     post_lr: float = 1e-3  # SFT and DPO
     needle_lengths: tuple[int, ...] = (128, 256, 512)  # trained at seq_length: DCA beyond
@@ -73,6 +75,7 @@ class PipelineResult:
     needle_accuracy: float = 0.0
     acceptance: float = 0.0  # rejection sampling's share of accepted samples
     reward_checkpoint: Path | None = None
+    rlhf_checkpoint: Path | None = None
     reply: str = ""
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -102,14 +105,14 @@ def run(cfg: PipelineConfig, console: Console) -> PipelineResult:
         files = demo_corpus()
         for folder, part in ((train_data, files[: -cfg.heldout_files]),
                              (heldout, files[-cfg.heldout_files :])):  # fmt: skip
-            if _valid(folder):
+            if stages.valid(folder):
                 console.print(f"{folder}: already prepared")
                 continue
             meta = prepare(part, folder, progress=False)
             console.print(f"{folder}: {meta['num_tokens']:,} tokens from {len(part)} files")
 
     def pretrain() -> None:
-        result.dense_checkpoint = _train(
+        result.dense_checkpoint = stages.train(
             cfg, "pipeline-dense", "tiny-dense", train_data, Layout(), cfg.dense_steps, None
         )
 
@@ -121,7 +124,7 @@ def run(cfg: PipelineConfig, console: Console) -> PipelineResult:
         from upcycle.jobs.convert import run_as_ray_task
         from upcycle.moe.upcycling import UpcycleSettings
 
-        if _valid(upcycled):
+        if stages.valid(upcycled):
             console.print(f"{upcycled}: already upcycled")
             return
         run_as_ray_task(
@@ -130,46 +133,56 @@ def run(cfg: PipelineConfig, console: Console) -> PipelineResult:
         console.print(f"{result.dense_checkpoint} -> tiny-moe (qwen2 method) at {upcycled}")
 
     def train_moe() -> None:
-        result.moe_checkpoint = _train(
+        result.moe_checkpoint = stages.train(
             cfg, "pipeline-moe", "tiny-moe", train_data, Layout(ep=2), cfg.moe_steps, upcycled
         )
 
     def sft() -> None:
         from upcycle.jobs import chat_demo
 
-        if not _valid(chat):
+        if not stages.valid(chat):
             sft_data, dpo_data = chat_demo.write(chat, dpo_pairs=cfg.dpo_pairs)
             console.print(
                 f"{chat}: {len(sft_data.read_text().splitlines())} docstring chats, "
                 f"{len(dpo_data.read_text().splitlines())} preference pairs"
             )
-        result.sft_checkpoint = _train(
+        result.sft_checkpoint = stages.train(
             cfg, "pipeline-sft", "tiny-moe", chat / "sft.jsonl", Layout(ep=2), cfg.sft_steps,
             result.moe_checkpoint, objective="sft",
         )  # fmt: skip
 
     def dpo() -> None:
-        result.dpo_checkpoint = _train(
+        result.dpo_checkpoint = stages.train(
             cfg, "pipeline-dpo", "tiny-moe", chat / "dpo.jsonl", Layout(ep=2), cfg.dpo_steps,
             result.sft_checkpoint, objective="dpo",
         )  # fmt: skip
 
     def synthesize() -> None:
-        result.acceptance = _rejection_sampling(cfg, result.dpo_checkpoint, out / "synth")
+        result.acceptance = stages.rejection_sampling(cfg, result.dpo_checkpoint, out / "synth")
         console.print(
             f"rejection sampling: {cfg.synth_samples} samples of {cfg.synth_prompts} arithmetic "
             f"prompts, acceptance {result.acceptance:.0%} (exact verifier) -> {out / 'synth'}"
         )
 
     def reward_model() -> None:
-        result.reward_checkpoint = _train(
+        result.reward_checkpoint = stages.train(
             cfg, "pipeline-reward", "tiny-moe", chat / "dpo.jsonl", Layout(ep=2),
             cfg.reward_steps, result.sft_checkpoint, objective="reward",
         )  # fmt: skip
-        pairs = _best_of_n(cfg, result.reward_checkpoint, out / "synth")
+        pairs = stages.best_of_n(cfg, result.reward_checkpoint, out / "synth")
         console.print(
             f"reward model: {cfg.reward_steps} steps on {chat / 'dpo.jsonl'}; the samples scored, "
             f"best vs worst of each prompt: {pairs} DPO pairs -> {out / 'synth' / 'best-of-n'}"
+        )
+
+    def rlhf() -> None:
+        prompts = out / "synth" / "prompts.jsonl"
+        result.rlhf_checkpoint = stages.rlhf(
+            cfg, result.dpo_checkpoint, result.reward_checkpoint, prompts
+        )
+        console.print(
+            f"online RLHF: {cfg.rlhf_iterations} iterations of online DPO on {prompts}, scored by "
+            f"the reward model -> {result.rlhf_checkpoint}"
         )
 
     def evaluate() -> None:
@@ -213,101 +226,11 @@ def run(cfg: PipelineConfig, console: Console) -> PipelineResult:
     stage("DPO tiny-moe", dpo)
     stage("rejection sampling: generate, verify", synthesize)
     stage("reward model: train, score, best-of-N", reward_model)
+    stage("online RLHF: rollouts, reward model, online DPO, weight sync", rlhf)
     stage("evaluate: perplexity, needle in a haystack", evaluate)
     stage("serve and chat", serve_and_chat)
     _print_runs(cfg.tracking_uri, console)
     return result
-
-
-def _valid(folder: Path) -> bool:
-    try:
-        verify_manifest(folder)
-    except (IntegrityError, OSError):
-        return False
-    return True
-
-
-def _train(
-    cfg: PipelineConfig,
-    name: str,
-    preset: str,
-    data: Path,
-    layout: Layout,
-    steps: int,
-    init_from: Path | None,
-    objective: str = "pretrain",
-) -> Path:
-    """Train (or resume) one stage's job on Ray Train; its newest valid checkpoint."""
-    from upcycle.platform.job import TrainJob
-    from upcycle.platform.ray_train import fit
-
-    storage = Path(cfg.out).absolute() / "train"
-    job = TrainJob(
-        model=from_name(preset),
-        data=str(data),
-        layout=dataclasses.replace(layout, micro_batch_size=2, global_batch_size=8),
-        train=TrainConfig(
-            steps=steps,
-            seq_length=cfg.seq_length,
-            save_interval=steps,
-            lr=cfg.lr if objective == "pretrain" else cfg.post_lr,
-            min_lr=min(3e-5, cfg.post_lr),
-            warmup_steps=4 if objective == "pretrain" else 2,
-        ),  # fmt: skip
-        objective=objective,
-        init_from=str(init_from) if init_from else None,
-        name=name,
-        tracking_uri=cfg.tracking_uri,
-    )
-    outcome = fit(job, num_workers=cfg.workers, storage_path=storage, max_failures=1)
-    if outcome.error is not None:
-        raise outcome.error
-    ckpt = newest_valid(sorted((storage / name).glob("step_*[0-9]")))
-    if ckpt is None:
-        raise RuntimeError(f"no valid checkpoint under {storage / name}")
-    return ckpt
-
-
-def _rejection_sampling(cfg: PipelineConfig, ckpt: Path, out: Path) -> float:
-    """Generate samples of arithmetic prompts (Ray Data), keep what the exact verifier accepts
-    (SFT/DPO files, an MLflow run); the acceptance rate. Reuses a finished earlier run."""
-    import json
-
-    from upcycle.jobs import chat_demo
-    from upcycle.jobs.synthesize import run_generate, run_rejection
-    from upcycle.synthesis.generation import GenerateSpec
-
-    rejection = out / "rejection"
-    if not _valid(rejection):
-        out.mkdir(parents=True, exist_ok=True)
-        prompts, generated = out / "prompts.jsonl", out / "generated.jsonl"
-        records = chat_demo.arithmetic_prompts(cfg.synth_prompts)
-        prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
-        if not generated.exists():  # written whole (renamed) or not at all
-            spec = GenerateSpec(samples=cfg.synth_samples, temperature=1.0, max_tokens=16)
-            engine = {"max_model_len": 256, "max_num_seqs": 16}
-            run_generate(str(ckpt), prompts, generated, spec, workers=1, engine=engine)
-        run_rejection(generated, rejection, verifier_name="exact",
-                      run_name="pipeline-rejection", tracking_uri=cfg.tracking_uri)  # fmt: skip
-    return json.loads((rejection / "report.json").read_text())["acceptance_rate"]
-
-
-def _best_of_n(cfg: PipelineConfig, reward_ckpt: Path, synth: Path) -> int:
-    """Score the generated samples with the reward model (Ray Data) and keep each prompt's best
-    (`--verifier reward`); the number of DPO pairs. Reuses a finished earlier run."""
-    import json
-
-    from upcycle.jobs.synthesize import run_rejection, run_reward_score
-
-    best = synth / "best-of-n"
-    if not _valid(best):
-        scored = synth / "scored.jsonl"
-        if not scored.exists():  # written whole (renamed) or not at all
-            run_reward_score(str(reward_ckpt), synth / "generated.jsonl", scored,
-                             max_length=cfg.seq_length, workers=1)  # fmt: skip
-        run_rejection(scored, best, verifier_name="reward", run_name="pipeline-best-of-n",
-                      tracking_uri=cfg.tracking_uri)  # fmt: skip
-    return json.loads((best / "report.json").read_text())["dpo_pairs"]
 
 
 def _serve_and_chat(ckpt: Path, prompt: str, console: Console) -> str:

@@ -162,24 +162,29 @@ class PreferencePairs:
     def batch(self, indices: list[int]) -> Batch:
         """Rows [chosen of each pair..., rejected of each pair...]."""
         rows = [self.pairs[i][0] for i in indices] + [self.pairs[i][1] for i in indices]
-        n, s = len(rows), self.seq_length
-        eot = get_tokenizer().eot_id
-        tokens = torch.full((n, s), eot, dtype=torch.long)
-        labels = torch.full((n, s), eot, dtype=torch.long)
-        loss_mask = torch.zeros(n, s)
-        for r, (prompt, response) in enumerate(rows):
-            ids = prompt + response
-            tokens[r, : len(ids)] = torch.tensor(ids)
-            labels[r, : len(ids) - 1] = torch.tensor(ids[1:])
-            loss_mask[r, len(prompt) - 1 : len(ids) - 1] = 1.0  # labels that are the response
-        lengths = torch.tensor([len(p) + len(r) for p, r in rows])
-        return Batch(tokens=tokens, labels=labels, loss_mask=loss_mask, lengths=lengths)
+        return Batch(**response_rows(rows, self.seq_length, get_tokenizer().eot_id))
 
     def too_few(self, needed: int) -> str:
         return (
             f"{self.path}: {len(self)} pairs, fewer than one global batch ({needed}); add pairs "
             "or lower layout.global_batch_size"
         )
+
+
+def response_rows(rows: list[tuple[list[int], list[int]]], seq_length: int, pad: int) -> dict:
+    """(prompt, response) token lists as right-padded rows: `tokens`, `labels` (the next
+    tokens), `loss_mask` (the labels that are the response) and `lengths` (real tokens)."""
+    n = len(rows)
+    tokens = torch.full((n, seq_length), pad, dtype=torch.long)
+    labels = torch.full((n, seq_length), pad, dtype=torch.long)
+    loss_mask = torch.zeros(n, seq_length)
+    for r, (prompt, response) in enumerate(rows):
+        ids = prompt + response
+        tokens[r, : len(ids)] = torch.tensor(ids)
+        labels[r, : len(ids) - 1] = torch.tensor(ids[1:])
+        loss_mask[r, len(prompt) - 1 : len(ids) - 1] = 1.0
+    lengths = torch.tensor([len(p) + len(r) for p, r in rows])
+    return dict(tokens=tokens, labels=labels, loss_mask=loss_mask, lengths=lengths)
 
 
 def prompt_tokens(prompt: str | list, where: str) -> list[int]:

@@ -31,7 +31,7 @@ from upcycle import runtime
 from upcycle.platform.data import Batch
 
 
-def _forward(model, batch: Batch) -> torch.Tensor:
+def forward_tokens(model, batch: Batch) -> torch.Tensor:
     """Per-token next-token loss [rows, seq] on the last stage (hidden states elsewhere)."""
     device = runtime.device()
     mask = batch.attention_mask
@@ -46,7 +46,7 @@ def _forward(model, batch: Batch) -> torch.Tensor:
 def lm_step(data_iterator, model):
     """Next-token loss: over every token (pretraining) or the masked ones (SFT)."""
     batch: Batch = next(data_iterator)
-    output = _forward(model, batch)
+    output = forward_tokens(model, batch)
 
     def loss_func(per_token_loss: torch.Tensor):
         if batch.loss_mask is None:
@@ -118,46 +118,62 @@ def reward_step(data_iterator, model):
     return output, loss_func
 
 
+class FrozenPass:
+    """Log-probabilities of a frozen model (DPO's reference; RLHF's reference and old policy)
+    over this step's micro-batches, forward only, keyed by micro-batch for the policy's loss
+    function: summed over each row's response (`per_token=False`) or per token."""
+
+    def __init__(self, per_token: bool = False):
+        self.per_token = per_token
+        self.values: dict[int, torch.Tensor] = {}
+
+    def run(self, forward_backward, chunks, micro: list[Batch], **schedule) -> None:
+        outputs = forward_backward(
+            forward_step_func=self._step,
+            data_iterator=data_iterators(micro, chunks),
+            model=chunks,
+            forward_only=True,
+            **schedule,
+        )
+        # only the last pipeline stage has outputs (and only it needs them)
+        self.values = {id(b): d["logps"] for b, d in zip(micro, outputs, strict=False)}
+
+    def _step(self, data_iterator, model):
+        batch: Batch = next(data_iterator)
+        output = forward_tokens(model, batch)
+
+        def loss_func(per_token_loss: torch.Tensor):
+            if self.per_token:
+                logps = -per_token_loss.float()
+            else:
+                logps = sequence_logps(per_token_loss, batch.loss_mask)
+            return logps.sum() * 0, {"logps": logps.detach()}
+
+        return output, loss_func
+
+
 class Dpo:
     """The DPO objective of one job: `reference(...)` then `policy_step` for every step."""
 
     def __init__(self, beta: float):
         self.beta = beta
-        self._reference: dict[int, torch.Tensor] = {}
+        self._reference = FrozenPass()
 
     def reference(self, forward_backward, ref_chunks, micro: list[Batch], **schedule) -> None:
         """Run the frozen reference over this step's micro-batches (forward only)."""
-        outputs = forward_backward(
-            forward_step_func=self._reference_step,
-            data_iterator=_iterators(micro, ref_chunks),
-            model=ref_chunks,
-            forward_only=True,
-            **schedule,
-        )
-        # only the last pipeline stage has outputs (and only it needs them)
-        self._reference = {id(b): d["logps"] for b, d in zip(micro, outputs, strict=False)}
-
-    def _reference_step(self, data_iterator, model):
-        batch: Batch = next(data_iterator)
-        output = _forward(model, batch)
-
-        def loss_func(per_token_loss: torch.Tensor):
-            logps = sequence_logps(per_token_loss, batch.loss_mask)
-            return logps.sum() * 0, {"logps": logps.detach()}
-
-        return output, loss_func
+        self._reference.run(forward_backward, ref_chunks, micro, **schedule)
 
     def policy_step(self, data_iterator, model):
         batch: Batch = next(data_iterator)
-        output = _forward(model, batch)
+        output = forward_tokens(model, batch)
 
         def loss_func(per_token_loss: torch.Tensor):
             policy = sequence_logps(per_token_loss, batch.loss_mask)
-            return dpo_loss(policy, self._reference.pop(id(batch)), self.beta)
+            return dpo_loss(policy, self._reference.values.pop(id(batch)), self.beta)
 
         return output, loss_func
 
 
-def _iterators(micro: list[Batch], chunks: list) -> object:
+def data_iterators(micro: list[Batch], chunks: list) -> object:
     """The schedule's data iterator: one per virtual pipeline chunk when there are several."""
     return [iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro)

@@ -99,6 +99,36 @@ def git_revision() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def worker_group(
+    fn: Callable[[dict], None],
+    config: dict,
+    *,
+    name: str,
+    num_workers: int,
+    threads_per_worker: int,
+    storage_path: Path,
+    max_failures: int,
+) -> TorchTrainer:
+    """A Ray Train `TorchTrainer` running `fn(config)` on `num_workers` ranks (a GPU each where
+    CUDA is, else `threads_per_worker` CPUs), checkpoints under `storage_path/name`."""
+    return TorchTrainer(
+        fn,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend=runtime.distributed_backend()),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=runtime.has_cuda(),
+            resources_per_worker={"CPU": threads_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(),
+        ),
+    )
+
+
 def fit(
     job: TrainJob,
     *,
@@ -128,20 +158,9 @@ def fit(
             **job.tags,
         },
     )
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config=job.to_dict(),
-        torch_config=TorchConfig(backend=runtime.distributed_backend()),
-        scaling_config=ScalingConfig(
-            num_workers=num_workers,
-            use_gpu=runtime.has_cuda(),
-            resources_per_worker={"CPU": job.train.threads_per_worker},
-        ),
-        run_config=RunConfig(
-            name=job.name,
-            storage_path=str(storage_path),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(),
-        ),
-    )
+    trainer = worker_group(
+        _worker, job.to_dict(), name=job.name, num_workers=num_workers,
+        threads_per_worker=job.train.threads_per_worker, storage_path=storage_path,
+        max_failures=max_failures,
+    )  # fmt: skip
     return trainer.fit()

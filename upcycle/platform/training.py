@@ -20,48 +20,25 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import finalize_model_grads
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from upcycle import runtime
 from upcycle.atomic import atomic_directory
-from upcycle.config import (
-    ConfigError,
-    Layout,
-    ModelConfig,
-)
-from upcycle.dense.megatron_config import to_transformer_config
+from upcycle.config import Layout, ModelConfig
 from upcycle.moe import aux_loss
 from upcycle.platform.chat_data import PackedConversations
-from upcycle.platform.checkpoint import (
-    LINEAGE,
-    load_checkpoint,
-    load_training_state,
-    newest_valid,
-    save_training_state,
-)
+from upcycle.platform.checkpoint import LINEAGE, newest_valid
 from upcycle.platform.data import Samples, StepBatches, TokenWindows
-from upcycle.platform.distributed import init_parallel_state
 from upcycle.platform.job import PAIRED, TrainJob
 from upcycle.platform.metrics import ExpertLoad, peak_flops, train_flops_per_token
 from upcycle.platform.objectives import Dpo, lm_step, reward_step
 from upcycle.platform.plots import expert_load_heatmap
-from upcycle.platform.step import build_chunks, build_optimizer, param_dtype
+from upcycle.platform.step import RankTrainer, Sink
 from upcycle.platform.tracking import RunTracker
-
-
-class Sink(Protocol):
-    """Where checkpoints go and where a resumed run finds them."""
-
-    def resume_from(self) -> Path | None: ...
-
-    def save(self, step: int, metrics: dict, write: Callable[[Path], None]) -> None: ...
 
 
 class LocalSink:
@@ -174,12 +151,11 @@ def _lineage_tags(init_from: str | None) -> dict[str, str]:
     return {**{f"upcycled.{k}": v for k, v in lineage.items()}, **settings}
 
 
-def _reduce_step_metrics(
-    job: TrainJob, keys: list[str], losses: list[dict], num_microbatches: int
+def reduce_step_metrics(
+    cfg: ModelConfig, keys: list[str], losses: list[dict], num_microbatches: int
 ) -> dict:
     """The objective's metrics (mean over micro-batches and data-parallel ranks), per-layer aux
     loss, and `loss`: the objective plus the weighted aux loss."""
-    cfg = job.model
     device = runtime.device()  # NCCL reduces device tensors only
     sums = torch.zeros(len(keys) + 1, dtype=torch.float64, device=device)
     for d in losses:  # only the last pipeline stage has losses
@@ -204,55 +180,14 @@ def _reduce_step_metrics(
 
 def train(job: TrainJob, sink: Sink) -> dict[str, float]:
     """Run (or resume) `job` on this rank; returns the last step's metrics."""
-    torch.set_num_threads(job.train.threads_per_worker)
     t = job.train
-    layout = init_parallel_state(job.layout, seed=t.seed)
-    layout.check_model(job.model)
-    tconfig = to_transformer_config(
-        job.model,
-        layout,
-        params_dtype=param_dtype(t),
-        fp8=t.fp8,
-        fp8_recipe=t.fp8_recipe,
-        token_dispatcher=t.token_dispatcher,
-    )
-    tconfig.finalize_model_grads_func = finalize_model_grads
-    aux_loss.reset()
-    chunks = build_chunks(job.model, layout, tconfig)
-    optimizer = build_optimizer(chunks, t, tconfig)
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=t.lr,
-        min_lr=t.min_lr,
-        lr_warmup_steps=t.warmup_steps,
-        lr_decay_steps=t.steps,
-        lr_decay_style="cosine",
-        start_wd=t.weight_decay,
-        end_wd=t.weight_decay,
-        wd_incr_steps=t.steps,
-        wd_incr_style="constant",
-    )
-    start = 0
-    resume = sink.resume_from()  # the job's own newest checkpoint first
-    if resume is None and job.resume_from:
-        resume = newest_valid([Path(job.resume_from)])
-        if resume is None:
-            raise ConfigError(
-                "resume_from", f"{job.resume_from} is not a valid training checkpoint"
-            )
-    if resume is not None:
-        state = load_training_state(resume, chunks=chunks, optimizer=optimizer)
-        start = state["step"]
-        scheduler.load_state_dict(state["scheduler"])
-    elif job.init_from:
-        load_checkpoint(chunks, Path(job.init_from))
+    trainer = RankTrainer.build(job.model, job.layout, t)
+    layout, chunks = trainer.layout, trainer.chunks
+    start = trainer.start(sink, resume_from=job.resume_from, init_from=job.init_from)
     dpo = ref_chunks = None
     if job.objective == "dpo":
         dpo = Dpo(job.dpo.beta)
-        ref_chunks = build_chunks(job.model, layout, tconfig, trainable=False)
-        load_checkpoint(ref_chunks, Path(job.reference))
-        aux_loss.reset()
+        ref_chunks = trainer.frozen_copy(job.model, job.reference)
 
     samples = job.samples()
     batches = StepBatches(
@@ -283,9 +218,7 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
 
     for step in range(start, end):
         began = time.perf_counter()
-        for chunk in chunks:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
+        trainer.zero_grad()
         micro = batches.step(step)
         if dpo:
             dpo.reference(forward_backward, ref_chunks, micro, **schedule)
@@ -297,14 +230,11 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
             forward_only=False,
             **schedule,
         )
-        _ok, grad_norm, _zeros = optimizer.step()
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step(increment=1)
-        metrics = _reduce_step_metrics(job, keys, losses, n_micro)
+        stepped = trainer.step()
+        metrics = reduce_step_metrics(job.model, keys, losses, n_micro)
         elapsed = time.perf_counter() - began
         metrics.update(
-            grad_norm=float("nan") if grad_norm is None else float(grad_norm),  # clip_grad=0
-            lr=lr,
+            **stepped,
             tokens_per_s=layout.global_batch_size * t.seq_length / elapsed * rows_per_pair,
             step_time_s=elapsed,
             mfu=flops_per_step / elapsed / peak if peak else 0.0,
@@ -319,23 +249,7 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
         run_log.metrics(step + 1, t.steps, metrics)
         done = step + 1
         if done == end or (t.save_interval and done % t.save_interval == 0):
-            train_state = {
-                "step": done,
-                "scheduler": scheduler.state_dict(),
-                "layout": dataclasses.asdict(layout),
-                "job": job.name,
-            }
-
-            def write(folder: Path, train_state=train_state) -> None:
-                save_training_state(
-                    folder,
-                    chunks=chunks,
-                    optimizer=optimizer,
-                    cfg=job.model,
-                    train_state=train_state,
-                )
-
-            sink.save(done, {"step": done, **_headline(metrics)}, write)
+            trainer.save(sink, done, job.model, job.name, {"step": done, **_headline(metrics)})
     run_log.finish(job.model, expert_tokens)
     return metrics
 

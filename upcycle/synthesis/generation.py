@@ -83,23 +83,13 @@ class SampleGenerator:
     """A Ray Data actor: one model and engine; each row is a group of prompts."""
 
     def __init__(self, ckpt: str, runner: dict, spec: dict):
-        from upcycle.dense.tokenizer import get_tokenizer
-        from upcycle.deploy.app import engine_limits
+        from upcycle.deploy.app import engine_args
         from upcycle.deploy.engine import Engine
         from upcycle.deploy.runner import ModelRunner, RunnerConfig
 
         rc = RunnerConfig(**runner)
-        vocab_limit, eos = engine_limits(ckpt)
         self.spec = GenerateSpec(**spec)
-        self.engine = Engine(
-            ModelRunner(Path(ckpt), rc).forward,
-            max_num_seqs=rc.max_num_seqs,
-            max_model_len=rc.max_model_len,
-            max_step_tokens=rc.max_step_tokens,
-            eos_ids=eos,
-            vocab_limit=vocab_limit,
-            decode=get_tokenizer().decode,
-        )
+        self.engine = Engine(ModelRunner(Path(ckpt), rc).forward, **engine_args(ckpt, rc))
 
     def __call__(self, row: dict) -> dict:
         group = json.loads(row["group"])

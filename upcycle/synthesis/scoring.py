@@ -117,17 +117,24 @@ class RewardScorer:
 
     def __call__(self, row: dict) -> dict:
         group = json.loads(row["group"])
-        seqs, counts = [], []
-        for index, record in group:
-            batch = sequences(record, self.max_length, f"record {index + 1}")
-            seqs += batch
-            counts.append(len(batch))
-        rewards = iter(score_sequences(self.model, seqs, self.pad_id))
+        rewards = self.rewards([record for _, record in group], [i for i, _ in group])
         done = [
-            [index, _with_rewards(record, [next(rewards) for _ in range(n)])]
-            for (index, record), n in zip(group, counts, strict=True)
+            [index, _with_rewards(record, r)]
+            for (index, record), r in zip(group, rewards, strict=True)
         ]
         return {"group": json.dumps(done)}
+
+    def rewards(self, records: list[dict], numbers: list[int] | None = None) -> list[list[float]]:
+        """Each record's rewards (its pair's two, or one per sample); also an actor method, which
+        RLHF calls with its rollouts (upcycle.rlhf.scorers)."""
+        seqs, counts = [], []
+        for at, record in enumerate(records):
+            where = f"record {(numbers[at] if numbers else at) + 1}"
+            batch = sequences(record, self.max_length, where)
+            seqs += batch
+            counts.append(len(batch))
+        flat = iter(score_sequences(self.model, seqs, self.pad_id))
+        return [[next(flat) for _ in range(n)] for n in counts]
 
 
 def score_file(

@@ -62,3 +62,17 @@ def submit_if_remote(address: str | None, extra: tuple[str, ...] = ()) -> None:
         from upcycle.jobs.submit import submit
 
         raise typer.Exit(submit(address, [*sys.argv[1:], *extra], echo=console.print))
+
+
+def print_result(result, name: str, tracking_uri: str) -> None:
+    """A Ray Train run's outcome: its last metrics, checkpoint and MLflow run (exit 2 if it
+    failed)."""
+    from upcycle.platform.tracking import default_tracking_uri
+
+    if result.error is not None:
+        fail(f"{name} failed: {result.error}")
+    metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()}
+    where = result.checkpoint.path if result.checkpoint else "none (nothing left to do)"
+    console.print(f"{name}: {metrics}; checkpoint {where}")
+    uri = tracking_uri or default_tracking_uri()
+    console.print(f"MLflow run '{name}' in {uri}; view with: mlflow ui --backend-store-uri {uri}")

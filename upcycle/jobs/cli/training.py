@@ -13,6 +13,7 @@ from upcycle.jobs.cli.common import (
     app,
     console,
     fail,
+    print_result,
     reward_app,
     runs_app,
     submit_if_remote,
@@ -72,7 +73,6 @@ def _run_training(spec, objective, workers, storage, max_failures, address) -> N
     from upcycle.platform.data import DataError
     from upcycle.platform.job import TrainJob
     from upcycle.platform.ray_train import fit
-    from upcycle.platform.tracking import default_tracking_uri
 
     try:
         data = yaml.safe_load(spec.read_text()) or {}
@@ -90,15 +90,7 @@ def _run_training(spec, objective, workers, storage, max_failures, address) -> N
     submit_if_remote(address)
     ensure_ray()
     result = fit(job, num_workers=workers, storage_path=storage, max_failures=max_failures)
-    if result.error is not None:
-        fail(f"training failed: {result.error}")
-    metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()}
-    where = result.checkpoint.path if result.checkpoint else "none (nothing left to train)"
-    console.print(f"{job.name}: {metrics}; checkpoint {where}")
-    uri = job.tracking_uri or default_tracking_uri()
-    console.print(
-        f"MLflow run '{job.name}' in {uri}; view with: mlflow ui --backend-store-uri {uri}"
-    )
+    print_result(result, job.name, job.tracking_uri)
 
 
 @runs_app.command("register")

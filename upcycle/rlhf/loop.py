@@ -46,6 +46,7 @@ from upcycle.rlhf.spec import RlhfJob
 from upcycle.rlhf.sync import gather_full, nbytes
 
 PROBES = 4  # prompts whose logits are compared after every sync
+MAX_RESYNCS = 3  # per iteration: an engine restarted mid-iteration needs one
 
 KEYS = {
     "online_dpo": ["objective", "dpo_loss", "rewards/margin", "rewards/accuracy", "pairs_used",
@@ -273,11 +274,14 @@ def run(
     metrics: dict[str, float] = {}
     for iteration in range(version, job.iterations):
         iteration_began = time.perf_counter()
-        while True:  # until a batch of the current version: resync engines that lost it
+        for _attempt in range(MAX_RESYNCS + 1):  # resync engines that lost the current version
             batch = _broadcast(coordinator.rollouts(iteration, version) if coordinator else None)
             if batch is not None:
                 break
             sync_weights(trainer, cfg, engines, version)
+        else:
+            raise RuntimeError(f"iteration {iteration + 1}: the engines never held version "
+                               f"{version} after {MAX_RESYNCS} syncs")  # fmt: skip
         if after_rollout and coordinator:
             after_rollout(iteration, engines)
         began = time.perf_counter()

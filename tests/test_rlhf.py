@@ -140,6 +140,7 @@ def test_bad_specs_are_named_before_any_actor_starts(task, tmp_path):
     assert error(prompts_per_iteration=7).field == "prompts_per_iteration"  # dp 2
     assert error(prompts_per_iteration=40).field == "prompts_per_iteration"  # 32 prompts
     assert error(objective="ppo").field == "objective"
+    assert error(sandbox="docker").field == "sandbox"
     with pytest.raises(ConfigError, match="train.steps.*set by the RLHF job"):
         RlhfJob.from_dict({"policy": "p", "prompts": "q", "train": {"steps": 5}})
     wide = tmp_path / "wide.jsonl"

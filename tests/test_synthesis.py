@@ -1,12 +1,10 @@
-"""Data synthesis without a model: the sandbox's limits, the verifiers, rejection into SFT/DPO
-files that `upcycle sft` / `upcycle dpo` accept, and HumanEval's own solutions through our
-verifier."""
+"""Data synthesis without a model: the verifiers, rejection into SFT/DPO files that `upcycle sft`
+/ `upcycle dpo` accept, and pass@k (the sandbox itself: test_sandbox.py)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -17,41 +15,7 @@ from upcycle.platform.chat_data import PackedConversations, PreferencePairs
 from upcycle.platform.data import DataError
 from upcycle.synthesis import humaneval
 from upcycle.synthesis.rejection import read_generated, reject
-from upcycle.synthesis.sandbox import Limits, run_program
-from upcycle.synthesis.verifiers import final_answer, verify_exact, verify_execution
-
-FAST = Limits(seconds=3)
-
-
-def test_sandbox_runs_good_code_and_survives_bad_code(tmp_path, monkeypatch):
-    assert run_program("def f(x): return x + 1", ["assert f(1) == 2", "assert f(2) == 3"],
-                       FAST).status == "passed"  # fmt: skip
-    wrong = run_program("def f(x): return x", ["assert f(1) == 2", "assert f(2) == 2"], FAST)
-    assert (wrong.status, wrong.passed, wrong.total) == ("failed", 1, 2)
-    loop = run_program("while True: pass", ["assert True"], FAST)
-    assert loop.status == "timeout" and loop.passed == 0 and loop.seconds < FAST.seconds + 2
-    memory = run_program("x = bytearray(4 << 30)", ["assert True"], FAST)
-    assert memory.status == "failed" and "MemoryError" in memory.error
-    sock = run_program("import socket\nsocket.create_connection(('127.0.0.1', 9))", [], FAST)
-    assert sock.status == "failed" and "socket" in sock.error
-    outside = tmp_path / "escaped.txt"
-    for program in (f"open({str(outside)!r}, 'w').write('x')",
-                    f"import os\nos.system('touch {outside}')",
-                    f"import pathlib\npathlib.Path({str(outside)!r}).write_text('x')"):  # fmt: skip
-        result = run_program(program, [], FAST)
-        assert result.status == "failed" and "PermissionError" in result.error
-    assert not outside.exists()
-    # inside its own folder a program may write; the folder is gone afterwards
-    inside = run_program("import os\nopen('a.txt', 'w').write('x')\nprint(os.getcwd())", [
-        "import os\nassert open('a.txt').read() == 'x'"], FAST)  # fmt: skip
-    assert inside.status == "passed"
-    assert not [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("upcycle-sandbox-*")]
-    # nothing of the scorer's environment is inherited
-    monkeypatch.setenv("UPCYCLE_TEST_SECRET", "hunter2")
-    env = run_program("import os", ["import os\nassert 'UPCYCLE_TEST_SECRET' not in os.environ"],
-                      FAST)  # fmt: skip
-    assert env.status == "passed"
-    assert run_program("import os\nos._exit(3)", ["assert True"], FAST).status == "crashed"
+from upcycle.synthesis.verifiers import final_answer, verify_exact
 
 
 @pytest.mark.parametrize(
@@ -133,18 +97,6 @@ def test_a_task_without_its_reference_is_a_named_error(tmp_path):
     gen = _generated(tmp_path / "gen.jsonl", [{"prompt": "a", "samples": [{"text": "1"}]}])
     with pytest.raises(DataError, match="line 1: answer: the exact verifier needs"):
         reject(read_generated(gen), "exact")
-
-
-def test_humaneval_canonical_solutions_all_pass_and_a_wrong_one_fails():
-    tasks = humaneval.tasks()
-    assert len(tasks) == 164
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        verdicts = list(pool.map(lambda t: verify_execution(t["canonical_solution"], t), tasks))
-    assert sum(v.accepted for v in verdicts) == 164, [v.detail for v in verdicts if not v.accepted]
-    wrong = verify_execution("    return not " + "True\n", tasks[0])
-    assert not wrong.accepted and wrong.score == 0.0
 
 
 def test_pass_at_k_is_the_unbiased_estimator():

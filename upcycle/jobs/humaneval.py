@@ -1,12 +1,12 @@
 """`upcycle eval --humaneval`: generate completions of HumanEval's problems through the serving
-engine, run each in the execution sandbox, log pass@k as an MLflow run with every completion."""
+engine, run each in the execution sandbox, log pass@k as an MLflow run with every completion.
+The sandbox is checked before anything is generated: a machine where it cannot run fails in
+seconds, not after the generation."""
 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +14,8 @@ from upcycle.jobs.synthesize import run_generate
 from upcycle.platform.tracking import RunTracker, default_tracking_uri
 from upcycle.synthesis import humaneval
 from upcycle.synthesis.generation import GenerateSpec
-from upcycle.synthesis.verifiers import verify_execution
+from upcycle.synthesis.sandbox import DEFAULT, Sandbox
+from upcycle.synthesis.verifiers import side_by_side, verify_execution
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ def run(
     workers: int = 1,
     seed: int = 0,
     engine: dict | None = None,
+    sandbox: Sandbox = DEFAULT,
     run_name: str | None = None,
     experiment: str = "upcycle",
     tracking_uri: str | None = None,
@@ -43,6 +45,7 @@ def run(
     Greedy for one sample, temperature 0.8 for several (Chen et al.'s settings) unless given."""
     if temperature is None:
         temperature = 0.0 if samples == 1 else 0.8
+    sandbox.require()
     tasks = humaneval.tasks(limit)
     spec = GenerateSpec(samples=samples, temperature=temperature, max_tokens=max_tokens,
                         seed=seed, stop=humaneval.STOP)  # fmt: skip
@@ -53,8 +56,7 @@ def run(
         run_generate(str(ckpt), prompts, generated, spec, workers=workers, engine=engine)
         rows = [json.loads(line) for line in generated.read_text().splitlines()]
     jobs = [(row, k, s["text"]) for row in rows for k, s in enumerate(row["samples"])]
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        verdicts = list(pool.map(lambda job: verify_execution(job[2], job[0]), jobs))
+    verdicts = side_by_side(lambda job: verify_execution(job[2], job[0], sandbox), jobs)
     records = [{"task_id": row["task_id"], "sample": k, "completion": text,
                 "passed": v.accepted, "detail": v.detail}
                for (row, k, text), v in zip(jobs, verdicts, strict=True)]  # fmt: skip
@@ -72,7 +74,8 @@ def run(
     )
     tracker.log_params({"checkpoint": Path(ckpt).absolute(), "samples": samples,
                         "temperature": temperature, "max_tokens": max_tokens,
-                        "problems": len(rows), "seed": seed})  # fmt: skip
+                        "problems": len(rows), "seed": seed,
+                        "sandbox": sandbox.kind})  # fmt: skip
     tracker.set_tags({"kind": "eval", "evaluates": str(Path(ckpt).absolute())})
     tracker.log_metrics(0, {f"humaneval_pass_at_{k}": v for k, v in pass_at.items()})
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,7 @@ from upcycle.synthesis.generation import (
     read_prompts,
 )
 from upcycle.synthesis.rejection import Rejection, read_generated, reject, write
-from upcycle.synthesis.sandbox import DEFAULT_LIMITS, Limits
+from upcycle.synthesis.sandbox import DEFAULT, Sandbox
 from upcycle.synthesis.verifiers import check_name
 
 
@@ -26,17 +26,20 @@ def run_rejection(
     out: Path,
     *,
     verifier_name: str,
-    limits: Limits = DEFAULT_LIMITS,
+    sandbox: Sandbox = DEFAULT,
     run_name: str | None = None,
     experiment: str = "upcycle",
     tracking_uri: str | None = None,
 ) -> Rejection:
     """Verify every sample of `generated` and write OUT (rejection.py); one MLflow run with the
-    overall and per-prompt acceptance and report.json as an artifact."""
-    check_name(verifier_name)  # an unknown verifier fails before the file is read
+    overall and per-prompt acceptance and report.json as an artifact. The verifier, the output
+    folder and (for `execution`) the sandbox are checked before the file is read."""
+    check_name(verifier_name)
     if Path(out).exists() and any(Path(out).iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new output folder")
-    result = reject(read_generated(Path(generated)), verifier_name, limits)
+    if verifier_name == "execution":
+        sandbox.require()
+    result = reject(read_generated(Path(generated)), verifier_name, sandbox)
     write(result, Path(out))
     r = result.report
     tracker = RunTracker(
@@ -46,8 +49,9 @@ def run_rejection(
         run_name=run_name or f"rejection-{Path(generated).stem}",
     )
     tracker.log_params({"generated": Path(generated).absolute(), "out": Path(out).absolute(),
-                        "verifier": verifier_name, "timeout_s": limits.seconds,
-                        "memory_bytes": limits.memory_bytes})  # fmt: skip
+                        "verifier": verifier_name, "sandbox": sandbox.kind,
+                        "timeout_s": sandbox.seconds,
+                        "memory_bytes": sandbox.memory_bytes})  # fmt: skip
     tracker.set_tags({"kind": "synthesis"})
     summary = ("prompts", "samples", "accepted", "acceptance_rate", "sft_conversations",
                "dpo_pairs", "prompts_with_an_accepted_sample")  # fmt: skip

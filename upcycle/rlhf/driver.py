@@ -57,7 +57,7 @@ def _worker(config: dict) -> None:
 
     apply_cpu_patches()  # in the thread that runs the model (see upcycle.platform.cpu)
     job = RlhfJob.from_dict(config["job"])
-    run(job, RaySink(), config["engines"], scorer_for(job.scorer, config["scorer"]))
+    run(job, RaySink(), config["engines"], scorer_for(job, config["scorer"]))
 
 
 def _prepared(job: RlhfJob, storage_path: Path) -> RlhfJob:
@@ -119,7 +119,7 @@ def run_local(job: RlhfJob, sink: Sink, **hooks) -> dict[str, float]:
     engines = start_engines(job, seq_length)
     scorer = start_scorer_actor(job, seq_length)
     try:
-        return run(job, sink, engines, scorer_for(job.scorer, scorer), **hooks)
+        return run(job, sink, engines, scorer_for(job, scorer), **hooks)
     finally:
         for actor in [*engines, *([scorer] if scorer else [])]:
             ray.kill(actor)

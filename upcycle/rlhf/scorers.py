@@ -2,7 +2,9 @@
 
 - A verifier (`exact`, `execution`; upcycle.synthesis.verifiers) judges one response against its
   prompt's task fields; the score is the verdict's (1/0 for exact, the share of tests passed for
-  execution). It runs where the loop's coordinator runs (trainer rank 0).
+  execution). It runs where the loop's coordinator runs (trainer rank 0), the responses side by
+  side; `execution` runs them in the job's `sandbox`, checked there once more before the first
+  rollout (the driver checked it on its own machine; rank 0 may be on another node).
 - A reward model (our checkpoint with a score head) runs on a `RewardScorer` actor
   (upcycle.synthesis.scoring, the same scorer as `upcycle reward score`), which reads each
   (prompt, response text) exactly as reward training read its pairs.
@@ -10,19 +12,22 @@
 
 from __future__ import annotations
 
-from upcycle.rlhf.spec import VERIFIER_SCORERS
-from upcycle.synthesis.verifiers import verifier
+from upcycle.rlhf.spec import VERIFIER_SCORERS, RlhfJob
+from upcycle.synthesis.sandbox import Sandbox
+from upcycle.synthesis.verifiers import side_by_side, verifier
 
 
 class VerifierScorer:
-    def __init__(self, name: str):
-        self.judge = verifier(name)
+    def __init__(self, name: str, sandbox: Sandbox):
+        if name == "execution" and sandbox.kind != "process":  # the driver warned of `process`
+            sandbox.require()
+        self.judge = verifier(name, sandbox)
 
     def __call__(self, tasks: list[dict], samples: list[list[dict]]) -> list[list[float]]:
-        return [
-            [self.judge(s["text"], task).score for s in group]
-            for task, group in zip(tasks, samples, strict=True)
-        ]
+        jobs = [(s["text"], task) for task, group in zip(tasks, samples, strict=True)
+                for s in group]  # fmt: skip
+        scores = iter(side_by_side(lambda job: self.judge(*job).score, jobs))
+        return [[next(scores) for _ in group] for group in samples]
 
 
 class RewardModelScorer:
@@ -49,6 +54,8 @@ def start_reward_model(ckpt: str, max_length: int, threads: int = 1):
     return actor.remote(ckpt, max_length, threads)
 
 
-def scorer_for(name: str, actor=None):
-    """The scorer the loop calls: a verifier by name, or the reward model on `actor`."""
-    return VerifierScorer(name) if name in VERIFIER_SCORERS else RewardModelScorer(actor)
+def scorer_for(job: RlhfJob, actor=None):
+    """The scorer the loop calls: the job's verifier, or the reward model on `actor`."""
+    if job.scorer in VERIFIER_SCORERS:
+        return VerifierScorer(job.scorer, Sandbox(kind=job.sandbox))
+    return RewardModelScorer(actor)

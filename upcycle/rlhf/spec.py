@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from upcycle.config import ConfigError, Layout, ModelConfig, section_from_dict
+from upcycle.synthesis.sandbox.run import KINDS
 from upcycle.train_config import DpoConfig, TrainConfig
 
 OBJECTIVES = ("online_dpo", "grpo")
@@ -80,6 +81,7 @@ class RlhfJob:
     prompts: str  # JSONL of {"prompt": text or messages, ...task fields for the verifier}
     objective: str = "online_dpo"  # online_dpo | grpo
     scorer: str = "exact"  # exact | execution (verifiers) or a reward model checkpoint
+    sandbox: str = "bwrap"  # where `execution` runs programs: bwrap | process (no boundary)
     iterations: int = 10
     prompts_per_iteration: int = 8
     steps_per_iteration: int = 1  # optimizer steps on each iteration's rollouts
@@ -103,6 +105,8 @@ class RlhfJob:
             raise ConfigError("save_interval", f"must be >= 0, got {self.save_interval}")
         if self.objective not in OBJECTIVES:
             raise ConfigError("objective", f"{self.objective!r}; allowed: {OBJECTIVES}")
+        if self.sandbox not in KINDS:
+            raise ConfigError("sandbox", f"{self.sandbox!r}; allowed: {KINDS}")
         if self.dpo.reference:
             raise ConfigError("dpo.reference", "online DPO's reference is the starting policy")
         if self.train.steps != self.steps:  # one LR schedule over every step of the run
@@ -210,6 +214,13 @@ class RlhfJob:
     def _check_scorer(self) -> None:
         from upcycle.platform.checkpoint import MODEL_CONFIG, read_model_config
 
+        if self.scorer == "execution":
+            from upcycle.synthesis.sandbox import Sandbox, SandboxUnavailable
+
+            try:
+                Sandbox(kind=self.sandbox).require()
+            except SandboxUnavailable as e:
+                raise ConfigError("sandbox", str(e).removeprefix("sandbox: ")) from None
         if self.scorer in VERIFIER_SCORERS:
             return
         path = Path(self.scorer)

@@ -3,7 +3,8 @@
 The package's HumanEval.jsonl.gz is read locally (no download). A problem becomes a generation
 prompt (its `prompt`: a function signature and docstring, completed as raw text) and an
 `execution` task: the program is that prompt + the completion, the one test its `check`
-function called on the entry point, as the benchmark defines it.
+function called on the entry point, as the benchmark defines it; the prompt's own helpers (e.g.
+`poly` for `find_zero`) are what the test sees, whatever the completion redefines.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def tasks(limit: int | None = None) -> list[dict]:
             "task_id": p["task_id"],
             "prompt": p["prompt"],
             "code_prefix": p["prompt"],
+            "entry_point": p["entry_point"],
             "tests": [f"{p['test']}\ncheck({p['entry_point']})"],
             "canonical_solution": p["canonical_solution"],
         }

@@ -10,22 +10,20 @@ Output folder (written whole or not at all, with a manifest):
   against its i-th distinct rejected one, i < min(accepted, rejected) (the `upcycle dpo` format),
   accepted ones best score first, rejected ones worst first (with `reward`: best vs worst);
 - report.json: every prompt's samples, accepted count and rate; the overall figures.
-Execution verdicts run side by side (one sandboxed process each, `os.cpu_count()` at a time).
+Execution verdicts run side by side (one sandboxed run each, one per CPU at a time).
 """
 
 from __future__ import annotations
 
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from upcycle.atomic import atomic_directory
 from upcycle.platform.chat_data import read_jsonl
 from upcycle.platform.data import DataError
-from upcycle.synthesis.sandbox import DEFAULT_LIMITS, Limits
-from upcycle.synthesis.verifiers import Verdict, best_of_n, check_name, verifier
+from upcycle.synthesis.sandbox import DEFAULT, Sandbox
+from upcycle.synthesis.verifiers import Verdict, best_of_n, check_name, side_by_side, verifier
 
 
 @dataclass(frozen=True)
@@ -76,11 +74,11 @@ class Rejection:
     dpo: list[dict]
 
 
-def reject(prompts: list[Prompt], verifier_name: str, limits: Limits = DEFAULT_LIMITS) -> Rejection:
+def reject(prompts: list[Prompt], verifier_name: str, sandbox: Sandbox = DEFAULT) -> Rejection:
     """Verify every sample; the SFT conversations, DPO pairs and report of the module docstring."""
     check_name(verifier_name)
     per_prompt, sft, dpo = [], [], []
-    for p, verdicts in zip(prompts, _verdicts(prompts, verifier_name, limits), strict=True):
+    for p, verdicts in zip(prompts, _verdicts(prompts, verifier_name, sandbox), strict=True):
         judged = list(zip(p.samples, verdicts, strict=True))
         # best accepted first, worst rejected first; file order among equal scores
         good = _distinct([t for t, v in sorted(judged, key=lambda j: -j[1].score) if v.accepted])
@@ -110,15 +108,14 @@ def reject(prompts: list[Prompt], verifier_name: str, limits: Limits = DEFAULT_L
     return Rejection(report, sft, dpo)
 
 
-def _verdicts(prompts: list[Prompt], name: str, limits: Limits) -> list[list[Verdict]]:
+def _verdicts(prompts: list[Prompt], name: str, sandbox: Sandbox) -> list[list[Verdict]]:
     """Each prompt's verdicts: from its rewards (`reward`), or each sample verified on its own,
     side by side."""
     if name == "reward":
         return [_named(p, best_of_n, p.rewards) for p in prompts]
-    check = verifier(name, limits)
+    check = verifier(name, sandbox)
     jobs = [(p, text) for p in prompts for text in p.samples]
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        flat = iter(list(pool.map(lambda job: _named(job[0], check, job[1], job[0].task), jobs)))
+    flat = iter(side_by_side(lambda job: _named(job[0], check, job[1], job[0].task), jobs))
     return [[next(flat) for _ in p.samples] for p in prompts]
 
 

@@ -5,9 +5,11 @@
   one). Numbers compare as exact fractions ("1,000" = "1000.0", "0.5" = "1/2"), anything else
   as text (case and surrounding spaces, `$` and a final period ignored).
 - `execution`: code tasks. The program is the task's `code_prefix` (e.g. HumanEval's function
-  signature) + the sample (its first ```python block if it has one), run in `sandbox` with the
+  signature) + the sample (its first ```python block if it has one), run in the sandbox with the
   task's `tests` (statements such as asserts); the score is the share of tests passed and the
-  sample is accepted when all pass.
+  sample is accepted when all pass. With an `entry_point` (HumanEval's), the tests see the
+  prefix's own definitions and only that name from the sample (upcycle.synthesis.sandbox).
+  Whatever the program does, the verdict is a Verdict: it never raises.
 - `reward`: best-of-N by a reward model. Each sample carries the `reward` that `upcycle reward
   score` gave it; a prompt's highest-rewarded sample is accepted (the first of equals), the
   others rejected. A judgement over a prompt's samples together, not one sample at a time.
@@ -18,12 +20,14 @@ travel with the prompt from the prompts file through `upcycle generate`.
 from __future__ import annotations
 
 import functools
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 
-from upcycle.synthesis.sandbox import DEFAULT_LIMITS, Limits, run_program
+from upcycle.synthesis.sandbox import DEFAULT, Sandbox, run_program
 
 VERIFIERS = ("exact", "execution", "reward")
 
@@ -83,11 +87,15 @@ def program_of(sample: str, task: dict) -> str:
     return task.get("code_prefix", "") + code
 
 
-def verify_execution(sample: str, task: dict, limits: Limits = DEFAULT_LIMITS) -> Verdict:
+def verify_execution(sample: str, task: dict, sandbox: Sandbox = DEFAULT) -> Verdict:
     tests = task.get("tests")
     if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
         raise ValueError("tests: the execution verifier needs each prompt's 'tests' (statements)")
-    outcome = run_program(program_of(sample, task), tests, limits)
+    entry = task.get("entry_point")
+    if entry is not None and not (isinstance(entry, str) and entry.isidentifier()):
+        raise ValueError(f"entry_point: must be the name of a function, got {entry!r}")
+    outcome = run_program(program_of(sample, task), tests, sandbox,
+                          code_prefix=task.get("code_prefix", ""), entry_point=entry)  # fmt: skip
     return Verdict(outcome.status == "passed", outcome.score,
                    f"{outcome.status}: {outcome.passed}/{outcome.total} tests"
                    + (f"; {outcome.error}" if outcome.error else ""))  # fmt: skip
@@ -110,11 +118,18 @@ def check_name(name: str) -> None:
         raise ValueError(f"verifier: unknown {name!r}; use one of {', '.join(VERIFIERS)}")
 
 
-def verifier(name: str, limits: Limits = DEFAULT_LIMITS) -> Callable[[str, dict], Verdict]:
-    """The one-sample verifier called `name` (execution programs run under `limits`)."""
+def verifier(name: str, sandbox: Sandbox = DEFAULT) -> Callable[[str, dict], Verdict]:
+    """The one-sample verifier called `name` (execution programs run in `sandbox`)."""
     check_name(name)
     if name == "exact":
         return verify_exact
     if name == "execution":
-        return functools.partial(verify_execution, limits=limits)
+        return functools.partial(verify_execution, sandbox=sandbox)
     raise ValueError(f"verifier: {name!r} judges a prompt's samples together (best_of_n)")
+
+
+def side_by_side(fn: Callable, items: Iterable) -> list:
+    """`fn` over `items` in order, one thread per CPU this process may use: an execution verdict
+    is a sandboxed process, so the threads only wait on them."""
+    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        return list(pool.map(fn, items))

@@ -54,6 +54,10 @@ def fail(message: str) -> None:
 
 
 ADDRESS_HELP = "Ray dashboard URL (http://HOST:8265): run this command there as a Ray job"
+SANDBOX_HELP = (
+    "where generated programs run: bwrap (namespaces, the boundary) or process (no boundary: "
+    "only where bwrap cannot run; README 'Sandbox')"
+)
 
 
 def submit_if_remote(address: str | None, extra: tuple[str, ...] = ()) -> None:

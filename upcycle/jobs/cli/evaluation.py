@@ -12,6 +12,7 @@ from rich.table import Table
 from upcycle.config import ConfigError
 from upcycle.jobs.cli.common import (
     ADDRESS_HELP,
+    SANDBOX_HELP,
     app,
     console,
     fail,
@@ -39,6 +40,7 @@ def evaluate(
     problems: int = typer.Option(None, min=1, help="humaneval: the first N problems (all 164)"),
     max_tokens: int = typer.Option(256, min=1, help="humaneval: tokens per completion"),
     workers: int = typer.Option(1, min=1, help="humaneval: engine actors generating"),
+    sandbox: str = typer.Option("bwrap", help=f"humaneval: {SANDBOX_HELP}"),
     run_name: str = typer.Option(None, help="MLflow run name (default: eval-MODEL)"),
     address: str = typer.Option(None, help=ADDRESS_HELP),
 ) -> None:
@@ -51,15 +53,21 @@ def evaluate(
         fail("--needle reads its haystacks from --data HELDOUT")
     if humaneval:
         from upcycle.jobs import humaneval as he
+        from upcycle.synthesis.sandbox import Sandbox, SandboxUnavailable
 
+        try:
+            box = Sandbox(kind=sandbox)
+        except ValueError as e:
+            fail(str(e))
         submit_if_remote(address)
         from upcycle.platform.cluster import ensure_ray
 
         ensure_ray()
         try:
             res = he.run(checkpoint, samples=samples, max_tokens=max_tokens, limit=problems,
-                         workers=workers, run_name=run_name and f"{run_name}-humaneval")  # fmt: skip
-        except (ValueError, ConfigError, FileNotFoundError) as e:
+                         workers=workers, sandbox=box,
+                         run_name=run_name and f"{run_name}-humaneval")  # fmt: skip
+        except (ValueError, ConfigError, FileNotFoundError, SandboxUnavailable) as e:
             fail(str(e))
         console.print(f"HumanEval, {res.problems} problems x {res.samples} samples: "
                       + ", ".join(f"pass@{k} {v:.3f}" for k, v in res.pass_at.items()))  # fmt: skip

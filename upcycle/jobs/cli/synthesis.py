@@ -1,5 +1,6 @@
-"""`upcycle generate` (batch sampling), `upcycle reward score` (rewards of pairs or samples) and
-`upcycle synthesize rejection` (post-training data from the samples a verifier accepts)."""
+"""`upcycle generate` (batch sampling), `upcycle reward score` (rewards of pairs or samples),
+`upcycle synthesize rejection` (post-training data from the samples a verifier accepts) and
+`upcycle synthesize sandbox` (can generated code run in the sandbox on this machine?)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import typer
 
 from upcycle.jobs.cli.common import (
     ADDRESS_HELP,
+    SANDBOX_HELP,
     app,
     console,
     fail,
@@ -29,24 +31,51 @@ def rejection(
     ),
     timeout: float = typer.Option(10.0, min=0.1, help="execution: seconds per program"),
     memory_gib: float = typer.Option(1.0, min=0.1, help="execution: address space per program"),
+    sandbox: str = typer.Option("bwrap", help=f"execution: {SANDBOX_HELP}"),
     run_name: str = typer.Option(None, help="MLflow run name"),
 ) -> None:
     """Keep the samples a verifier accepts as SFT conversations, pair accepted with rejected
     samples of the same prompt for DPO, and report acceptance (an MLflow run)."""
     from upcycle.jobs.synthesize import run_rejection
-    from upcycle.synthesis.sandbox import Limits
+    from upcycle.synthesis.sandbox import Sandbox, SandboxUnavailable
 
-    limits = Limits(seconds=timeout, memory_bytes=int(memory_gib * 2**30))
     try:
-        result = run_rejection(generated, out, verifier_name=verifier, limits=limits,
+        box = Sandbox(kind=sandbox, seconds=timeout, memory_bytes=int(memory_gib * 2**30))
+        result = run_rejection(generated, out, verifier_name=verifier, sandbox=box,
                                run_name=run_name)  # fmt: skip
-    except (ValueError, FileExistsError) as e:  # DataError is a ValueError
+    except (ValueError, FileExistsError, SandboxUnavailable) as e:  # DataError: a ValueError
         fail(str(e))
     r = result.report
     console.print(
         f"{r['accepted']} of {r['samples']} samples accepted ({r['acceptance_rate']:.0%}) over "
         f"{r['prompts']} prompts; {r['sft_conversations']} SFT conversations, "
         f"{r['dpo_pairs']} DPO pairs in {out}"
+    )
+
+
+@synthesize_app.command("sandbox")
+def sandbox_check(
+    kind: str = typer.Option("bwrap", "--sandbox", help=SANDBOX_HELP),
+) -> None:
+    """Check that generated programs can run in the sandbox on this machine (run it on each kind
+    of node that scores execution tasks): a probe program, then how it was isolated, or what is
+    missing and how to get it."""
+    from upcycle.synthesis.sandbox import Sandbox, SandboxUnavailable, bwrap
+
+    try:
+        box = Sandbox(kind=kind)
+        box.require()
+    except (ValueError, SandboxUnavailable) as e:
+        fail(str(e))
+    if kind == "process":
+        console.print("sandbox: process runs (no boundary: see the warning above)")
+        return
+    who = ("as root: no user namespace, a random unprivileged uid per run" if bwrap.privileged()
+           else "a user namespace, uid 65534 inside")  # fmt: skip
+    console.print(
+        f"sandbox: bwrap ({bwrap.locate(box.bwrap)}) isolates programs here: {who}; pid, net, "
+        f"mount, ipc, uts namespaces; seccomp ({len(bwrap.seccomp_filter()) // 8} BPF "
+        "instructions); rlimits"
     )
 
 

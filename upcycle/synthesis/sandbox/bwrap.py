@@ -86,8 +86,10 @@ def privileged() -> bool:
 
 def argv(bwrap: str, *, work_bytes: int, info_fd: int, seccomp_fd: int, as_root: bool
          ) -> tuple[list[str], int | None]:  # fmt: skip
-    """bwrap's arguments up to the interpreter, and the uid the judge must drop to (as root)."""
-    args = [bwrap, *_UNSHARE, "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    """bwrap's arguments up to the interpreter, and the uid the judge must drop to (as root).
+    The judge is PID 1 (`--as-pid-1`): when it ends, the kernel ends everything else of the run."""
+    args = [bwrap, *_UNSHARE, "--as-pid-1", "--die-with-parent", "--new-session", "--cap-drop",
+            "ALL"]  # fmt: skip
     if as_root:
         args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         uid = 1_000_000 + secrets.randbelow(1 << 24)
@@ -97,14 +99,18 @@ def argv(bwrap: str, *, work_bytes: int, info_fd: int, seccomp_fd: int, as_root:
     args += ["--clearenv"]
     for key, value in _ENV.items():
         args += ["--setenv", key, value]
-    args += _system_dirs() + _python_dirs()
+    roots = _python_roots()
+    args += _system_dirs() + _python_dirs(roots)
     args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
              "--proc", "/proc", "--dev", "/dev",
              "--perms", "01777", "--size", str(work_bytes), "--tmpfs", WORKDIR,
-             "--symlink", WORKDIR, "/tmp", "--chdir", WORKDIR,
+             "--chdir", WORKDIR,
              "--ro-bind", str(Path(__file__).with_name("inside")), f"{JUDGE_ROOT}/inside",
              "--seccomp", str(seccomp_fd), "--info-fd", str(info_fd)]  # fmt: skip
-    return args, uid
+    # /tmp is the work folder too, unless the Python lies under it (then /tmp is read-only)
+    if not any(p == Path("/tmp") or Path("/tmp") in p.parents for p in roots):
+        args += ["--symlink", WORKDIR, "/tmp"]
+    return args + ["--"], uid
 
 
 def _system_dirs() -> list[str]:
@@ -119,12 +125,18 @@ def _system_dirs() -> list[str]:
     return args
 
 
-def _python_dirs() -> list[str]:
-    """The interpreter, its standard library and the environment's packages, read-only, at the
-    paths this process knows them by (a venv's python is a symlink into its base install)."""
+@functools.cache
+def _python_roots() -> tuple[Path, ...]:
+    """The folders of the interpreter, its standard library and the environment's packages,
+    at the paths this process knows them by (a venv's python is a symlink into its base
+    install), outside /usr (bound whole) and none inside another."""
     roots = {Path(sys.base_prefix), Path(sys.prefix), Path(os.path.realpath(sys.executable)).parent}
     roots = sorted(p for p in roots if not any(q != p and q in p.parents for q in roots))
-    roots = [p for p in roots if not (p == Path("/usr") or Path("/usr") in p.parents)]
+    return tuple(p for p in roots if not (p == Path("/usr") or Path("/usr") in p.parents))
+
+
+def _python_dirs(roots: tuple[Path, ...]) -> list[str]:
+    """`roots` bound read-only where they are, their parents made traversable."""
     args, made = [], set()
     for root in roots:
         if root == Path(WORKDIR) or Path(WORKDIR) in root.parents:

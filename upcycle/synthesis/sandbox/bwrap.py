@@ -100,7 +100,7 @@ def argv(bwrap: str, *, work_bytes: int, info_fd: int, seccomp_fd: int, as_root:
     for key, value in _ENV.items():
         args += ["--setenv", key, value]
     roots = _python_roots()
-    args += _system_dirs() + _python_dirs(roots)
+    args += _system_dirs() + _python_dirs(roots)  # the same every run: computed once
     args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
              "--proc", "/proc", "--dev", "/dev",
              "--perms", "01777", "--size", str(work_bytes), "--tmpfs", WORKDIR,
@@ -113,6 +113,7 @@ def argv(bwrap: str, *, work_bytes: int, info_fd: int, seccomp_fd: int, as_root:
     return args + ["--"], uid
 
 
+@functools.cache
 def _system_dirs() -> list[str]:
     """/usr read-only; /bin, /lib, ... as the host has them (merged-/usr symlinks or folders)."""
     args = ["--ro-bind", "/usr", "/usr"]
@@ -135,6 +136,7 @@ def _python_roots() -> tuple[Path, ...]:
     return tuple(p for p in roots if not (p == Path("/usr") or Path("/usr") in p.parents))
 
 
+@functools.cache
 def _python_dirs(roots: tuple[Path, ...]) -> list[str]:
     """`roots` bound read-only where they are, their parents made traversable."""
     args, made = [], set()

@@ -1,12 +1,13 @@
 """Where an online RLHF iteration's time goes, and the in-memory weight sync vs a checkpoint.
 
     .venv/bin/python bench/rlhf_iteration.py [--preset tiny-moe] [--iterations 6]
-        [--objective online_dpo|grpo] [--samples 4] [--max-tokens 16]
+        [--objective online_dpo|grpo] [--samples 4] [--max-tokens 16] [--compile on|auto|off]
 
 1. `upcycle rlhf`'s loop (upcycle.rlhf.loop) in this process as one trainer rank, with one
    rollout engine actor (tp 1) and the exact verifier, on the arithmetic prompts
    (examples/arithmetic-prompts.jsonl) from a fresh model of the preset: the median over
-   iterations (the first, which pays oneDNN's kernel compilation, left out) of rollout tokens/s,
+   iterations (the first, which pays oneDNN's kernel compilation and, with `--compile on`, the
+   default, the engine's decode-step compile, left out) of rollout tokens/s,
    rollout, scoring, training and sync seconds, and each one's share of the iteration.
 2. The peer of the weight sync: what a loop without it would do, writing the policy as our
    checkpoint and loading it into a fresh model (the engine's side). Median seconds and ratio.
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--objective", default="online_dpo", choices=("online_dpo", "grpo"))
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--compile", default="on", choices=("on", "auto", "off"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -63,7 +65,8 @@ def main() -> None:
         job = RlhfJob(
             policy=str(policy), prompts=str(PROMPTS), objective=args.objective, scorer="exact",
             iterations=args.iterations, prompts_per_iteration=8,
-            rollout=RolloutConfig(samples=args.samples, max_tokens=args.max_tokens),
+            rollout=RolloutConfig(samples=args.samples, max_tokens=args.max_tokens,
+                                  compile=args.compile),
             train=TrainConfig(steps=args.iterations, lr=1e-4, min_lr=0.0, warmup_steps=0),
             tracking_dir=str(tmp / "run" / "tracking"), tracking_uri=f"sqlite:///{tmp}/mlflow.db",
         )  # fmt: skip
@@ -73,7 +76,8 @@ def main() -> None:
         med = {k: statistics.median(m[k] for m in per_iteration)
                for k in (*PARTS, "iteration/seconds", "rollout/tokens_per_s")}  # fmt: skip
         print(f"{args.preset}, {args.objective}, 8 prompts x {args.samples} samples x <= "
-              f"{args.max_tokens} tokens, 1 trainer rank, 1 engine; median of "
+              f"{args.max_tokens} tokens, 1 trainer rank, 1 engine (compile {args.compile}); "
+              "median of "
               f"{len(per_iteration)} iterations")  # fmt: skip
         print(f"  rollout {med['rollout/tokens_per_s']:,.0f} tokens/s")
         for k in PARTS:

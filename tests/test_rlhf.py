@@ -252,13 +252,15 @@ def test_online_dpo_learns_and_its_loss_is_the_hand_computation(task, tmp_path, 
     [("dense", {"tp": 2}), ("moe", {"ep": 2})],
 )
 def test_weight_sync_from_a_sharded_trainer_on_ray_train(name, layout, task, tmp_path, ray_cluster):
-    """`upcycle rlhf` on 2 Ray Train workers (dense at TP2, MoE at EP2) with a tp-1 engine:
-    after every sync the engine's logits on fixed prompts equal the trainer's (fp32), the
+    """`upcycle rlhf` on 2 Ray Train workers (dense at TP2, MoE at EP2) with a tp-1 engine whose
+    decode step is compiled (`compile: on`, weights live in the graph): after every sync the
+    engine's logits on fixed prompts (a prefill, then a compiled decode step) equal the
+    trainer's (fp32), the
     iterations' rollouts carry their policy versions, and the last checkpoint is written."""
     spec = {
         "policy": str(task[name]), "prompts": str(task["prompts"]), "objective": "grpo",
         "scorer": "exact", "iterations": 2, "prompts_per_iteration": 4,
-        "rollout": {"samples": 4, "max_tokens": 2}, "layout": layout,
+        "rollout": {"samples": 4, "max_tokens": 2, "compile": "on"}, "layout": layout,
         "train": {"lr": 1e-2}, "name": f"sync-{name}",
         "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
     }  # fmt: skip
@@ -271,5 +273,6 @@ def test_weight_sync_from_a_sharded_trainer_on_ray_train(name, layout, task, tmp
     for m in metrics.values():
         assert m["sync/max_logit_diff"] <= 1e-6
         assert m["sync/bytes"] > 0
+    assert metrics[2]["rollout/compiled_steps"] > metrics[1]["rollout/compiled_steps"] > 0
     lines = (tmp_path / "runs" / f"sync-{name}" / "rollouts.jsonl").read_text().splitlines()
     assert [json.loads(line)["version"] for line in lines] == [0] * 4 + [1] * 4

@@ -33,6 +33,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from upcycle import runtime
 from upcycle.config import ModelConfig
 from upcycle.deploy import api
 from upcycle.deploy.api import OpenAIError
@@ -278,6 +279,7 @@ def build_app(args: dict | ServeSpec):
         ray_actor_options={
             "num_cpus": spec.engine.cpus_per_rank,
             "num_gpus": spec.engine.gpus_per_rank,
+            "runtime_env": {"env_vars": runtime.ENGINE_THREAD_ENV},
         },
         health_check_period_s=5,
     ).bind(str(ckpt), rc.model_dump())

@@ -15,7 +15,11 @@ see upcycle.platform.cpu); `upcycle.deploy.engine` keeps it so.
 from __future__ import annotations
 
 import datetime
+import functools
+import shutil
 import socket
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from upcycle import runtime
 from upcycle.config import ConfigError, Layout, ModelConfig
 from upcycle.dense.dual_chunk import DualChunk
-from upcycle.deploy import kv_cache
+from upcycle.deploy import kv_cache, moe_inference
+from upcycle.deploy.compiled_step import DecodeStep, Hot, PrefillStep, step_forward
 from upcycle.deploy.kv_cache import DualChunkRoPE, KVCache, StepIndex, StepPlan
 from upcycle.platform.checkpoint import load_checkpoint, read_model_config
 from upcycle.platform.cpu import device_rewrites_paused
@@ -55,6 +60,11 @@ class RunnerConfig(BaseModel):
     # weights and KV cache; logits and sampling are fp32 either way. auto: bf16 on a GPU, fp32
     # on a CPU (bf16 there is opt-in: fast with AMX, refused without AVX512-BF16/AMX)
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    # decode and small prefill steps through torch.compile (upcycle.deploy.compiled_step). on:
+    # from the first step; auto: a kind of step (a batch size, prefill) once it has run
+    # AUTO_COMPILE_AFTER times eagerly (one-rank replicas without Dual Chunk Attention, with a
+    # GPU or a C++ compiler); off: never
+    compile: Literal["auto", "on", "off"] = "auto"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -86,6 +96,12 @@ class RunnerConfig(BaseModel):
                 f"{self.max_model_len} exceeds the model's max_position_embeddings "
                 f"{cfg.max_position_embeddings}; set engine.dual_chunk_length to go beyond it",
             )
+        if self.compile == "on" and (self.dual_chunk_length or self.tp * self.ep > 1):
+            raise ConfigError(
+                "engine.compile",
+                "on: compiled steps cover one-rank replicas without Dual Chunk Attention "
+                "(tp = ep = 1, dual_chunk_length 0); use auto or off",
+            )
         # sequence parallelism is a training-time requirement of megatron's MoE layer (it
         # asserts it only in training); serving runs without it, so the check assumes it on.
         layout = Layout(tp=self.tp, ep=self.ep, sequence_parallel=True)
@@ -94,6 +110,17 @@ class RunnerConfig(BaseModel):
         except ConfigError as e:
             field = e.field.replace("layout.", "engine.")
             raise ConfigError(field, str(e).split(": ", 1)[1]) from None
+
+
+# Compiled steps fold the weights in (inductor's freezing: oneDNN-prepacked GEMM weights, 2.55 ->
+# 1.97 ms a decode step at 1 stream on moe-bench bf16) only for models up to this size: each
+# compiled graph keeps prepacked copies of its GEMM weights (+52 MiB over 5 batch buckets on
+# moe-bench's 50 MiB), which a model of GBs cannot afford and, bandwidth-bound, gains less from.
+FREEZE_MAX_BYTES = 1 << 30
+
+# `engine.compile: auto` compiles a kind of step (a batch bucket, prefill) after this many eager
+# steps of it: ~2-4 s of eager decoding on a small model, about what one compile costs on 2 cores
+AUTO_COMPILE_AFTER = 256
 
 
 def _free_port() -> int:
@@ -106,11 +133,19 @@ class ModelRunner:
     """Rank `rank` of a replica: builds the model and runs `forward(plan)`.
 
     `source` is our checkpoint folder, or a `ModelConfig` for freshly initialised weights (the
-    GPU decode benchmark: no multi-GB checkpoint to write first; one rank only).
+    GPU decode benchmark: no multi-GB checkpoint to write first; one rank only). `live_weights`:
+    new weights will arrive (`load_weights`, RLHF), so a compiled decode step must read them at
+    every call rather than fold them in (upcycle.deploy.compiled_step).
     """
 
     def __init__(
-        self, source: Path | ModelConfig, rc: RunnerConfig, *, rank: int = 0, master: str = ""
+        self,
+        source: Path | ModelConfig,
+        rc: RunnerConfig,
+        *,
+        rank: int = 0,
+        master: str = "",
+        live_weights: bool = False,
     ):
         from upcycle.dense.megatron_config import to_transformer_config
         from upcycle.moe.model import build_model
@@ -143,10 +178,12 @@ class ModelRunner:
         self.model = build_model(self.cfg, tconfig).to(runtime.device()).eval()
         if ckpt is not None:
             load_checkpoint(self.model, ckpt)
+        if self.world == 1:  # under TP/EP the MoE collectives stay megatron's
+            moe_inference.install(self.model)
         attn = self.model.decoder.layers[0].self_attention
         self.cache = KVCache(
             self.cfg.num_layers,
-            rc.max_num_seqs,
+            rc.max_num_seqs + 1,  # the last slot: scratch for a compiled step's padded rows
             attn.num_query_groups_per_partition,
             rc.max_model_len,
             self.cfg.head_dim,
@@ -165,6 +202,23 @@ class ModelRunner:
             )
         else:
             self._rope = _rope_table(self.model, rc.max_model_len)
+        self._decode: DecodeStep | None = None
+        self._prefill: PrefillStep | None = None
+        if _compile_wanted(rc, self.world):
+            weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            self._compile_steps(freeze=not live_weights and weight_bytes <= FREEZE_MAX_BYTES)
+
+    def _compile_steps(self, *, freeze: bool) -> None:
+        hot = Hot(AUTO_COMPILE_AFTER if self.rc.compile == "auto" else 0)
+        self._decode = DecodeStep(self.model, self._rope, max_num_seqs=self.rc.max_num_seqs,
+                                  scratch_slot=self.rc.max_num_seqs, freeze=freeze, hot=hot)  # fmt: skip
+        self._prefill = PrefillStep(self.model, self._rope, freeze=freeze, hot=hot)
+
+    @property
+    def compiled_steps(self) -> int:
+        """Steps this runner ran compiled (0 after a fallback)."""
+        steps = (self._decode, self._prefill)
+        return sum(step.compiled_steps for step in steps if step is not None)
 
     def forward(self, plan: StepPlan) -> torch.Tensor:
         """Logits [num_seqs, vocab] (fp32, on the CPU) of each sequence's last token in `plan`
@@ -179,6 +233,9 @@ class ModelRunner:
         them to the followers first. The bytes this rank copied."""
         if self.world > 1:
             dist.broadcast_object_list([_Weights(full)], src=0)
+        if self._decode is not None and self._decode.frozen:
+            # frozen steps hold the old weights as constants: one recompile, live from now
+            self._compile_steps(freeze=False)
         return self._load(full)
 
     def follow(self) -> None:
@@ -215,19 +272,29 @@ class ModelRunner:
             return self._forward(plan)
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
+        compiled = self._compiled_step(plan)
+        if compiled is not None:
+            try:
+                return compiled().cpu()
+            except Exception as e:  # noqa: BLE001 - any compile failure: eager from here on
+                self._decode = self._prefill = None
+                warnings.warn(
+                    f"engine.compile: a compiled step failed ({_reason(e)}); running eagerly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         device = runtime.device()
-        index = StepIndex(plan, device)
-        self._state["index"] = index
-        m = self.model
-        tokens = torch.tensor(plan.tokens, device=device)[None, :]
-        hidden = m.embedding(input_ids=tokens, position_ids=index.positions[None, :])
-        rope = None if self._rope is None else self._rope[index.positions]
-        hidden = m.decoder(hidden, attention_mask=None, rotary_pos_emb=rope)
-        hidden = hidden[index.last_token]  # [num_seqs, 1, hidden]
-        tied = m.share_embeddings_and_output_weights
-        weight = m.shared_embedding_or_output_weight() if tied else None
-        logits, _ = m.output_layer(hidden, weight=weight, runtime_gather_output=True)
-        return logits[:, 0].float().cpu()
+        tokens = torch.tensor(plan.tokens, device=device)
+        return step_forward(self.model, self._rope, tokens, StepIndex.of(plan, device)).cpu()
+
+    def _compiled_step(self, plan: StepPlan) -> Callable[[], torch.Tensor] | None:
+        """The compiled step that takes `plan`, if one does (upcycle.deploy.compiled_step)."""
+        n = len(plan.slots)
+        if self._decode is not None and len(plan.tokens) == n and self._decode.takes(n):
+            return functools.partial(self._decode, plan.tokens, plan.slots, plan.offsets)
+        if self._prefill is not None and self._prefill.takes(plan):
+            return functools.partial(self._prefill, plan)
+        return None
 
 
 class _Weights:
@@ -244,6 +311,23 @@ def _rope_table(model: torch.nn.Module, length: int) -> torch.Tensor:
     return table[0] if isinstance(table, tuple) else table
 
 
+def _reason(error: BaseException) -> str:
+    """The root cause of a compile failure in one line (dynamo wraps a backend's error)."""
+    while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+        error = inner
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _compile_wanted(rc: RunnerConfig, world: int) -> bool:
+    """Whether this replica decodes through `DecodeStep` (`engine.compile`)."""
+    if rc.compile == "off" or rc.dual_chunk_length:
+        return False
+    return rc.compile == "on" or (
+        world == 1 and (runtime.has_cuda() or shutil.which("g++") is not None)
+    )
+
+
 def _node_ip() -> str:
     import ray
 
@@ -253,7 +337,11 @@ def _node_ip() -> str:
 def _start_followers(ckpt: Path, rc: RunnerConfig, master: str) -> list:
     import ray
 
-    follower = ray.remote(num_cpus=rc.cpus_per_rank, num_gpus=rc.gpus_per_rank)(FollowerRank)
+    follower = ray.remote(
+        num_cpus=rc.cpus_per_rank,
+        num_gpus=rc.gpus_per_rank,
+        runtime_env={"env_vars": runtime.ENGINE_THREAD_ENV},
+    )(FollowerRank)
     actors = [follower.remote() for _ in range(rc.tp * rc.ep - 1)]
     for rank, actor in enumerate(actors, start=1):
         actor.run.remote(str(ckpt), rc, rank, master)

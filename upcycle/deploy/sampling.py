@@ -54,12 +54,34 @@ def sample(
 ) -> list[int]:
     """One token per row of `logits` [rows, vocab] (fp32)."""
     out = logits.argmax(-1).tolist()
-    for row, (p, g) in enumerate(zip(params, generators, strict=True)):
-        if p.temperature == 0.0 or p.top_k == 1:
-            continue
-        probs = torch.softmax(logits[row] / p.temperature, -1)
-        out[row] = _draw(probs, p, g)
+    drawn = [r for r, p in enumerate(params) if p.temperature != 0.0 and p.top_k != 1]
+    whole = [r for r in drawn if not params[r].top_k and params[r].top_p >= 1.0]
+    if whole:
+        tokens = _draw_whole(
+            logits[whole], [params[r] for r in whole], [generators[r] for r in whole]
+        )
+        for r, token in zip(whole, tokens, strict=True):
+            out[r] = token
+    for r in sorted(set(drawn) - set(whole)):  # top-k / top-p: a few candidates each
+        p = params[r]
+        out[r] = _draw(torch.softmax(logits[r] / p.temperature, -1), p, generators[r])
     return out
+
+
+def _draw_whole(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+) -> list[int]:
+    """Rows sampled from their whole softmax(logits / temperature), all at once by inverse CDF:
+    one uniform per row from that row's own generator (so a seeded request draws the same
+    whatever its batch), then one cumulative sum and search over the batch. Per-row
+    `torch.multinomial` over a 151,936-token vocabulary costs ~2.5 ms a row: 80% of an RLHF
+    rollout's time before."""
+    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
+    cdf = torch.softmax(logits / temperature[:, None], -1).cumsum_(-1)
+    u = torch.cat([torch.rand(1, generator=g, dtype=cdf.dtype) for g in generators])
+    # side "right": the first token whose cumulative mass exceeds u (never a zero-mass one)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return picked.clamp_(max=cdf.shape[1] - 1).tolist()
 
 
 def _draw(probs: torch.Tensor, p: SamplingParams, g: torch.Generator) -> int:
@@ -72,8 +94,6 @@ def _draw(probs: torch.Tensor, p: SamplingParams, g: torch.Generator) -> int:
         # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
         keep = (torch.cumsum(top, 0) - top) < p.top_p
         top, ids = top[keep], ids[keep]
-    elif p.top_k:
-        top, ids = probs.topk(k)
     else:
-        return int(torch.multinomial(probs, 1, generator=g))
+        top, ids = probs.topk(k)
     return int(ids[torch.multinomial(top, 1, generator=g)])

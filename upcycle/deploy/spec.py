@@ -4,7 +4,7 @@ listens. Validated with pydantic; an error names the YAML path of the field and 
     model: runs:/3f2a...          # or a checkpoint / transformers folder, or models:/NAME/1
     name: tiny-moe                # the model id clients send (default: the model's name)
     engine: {tp: 1, ep: 1, max_num_seqs: 16, max_model_len: 2048, max_step_tokens: 512,
-             cpus_per_rank: 1, gpus_per_rank: 0}
+             cpus_per_rank: 1, gpus_per_rank: 0, compile: auto}
     autoscaling: {min_replicas: 1, max_replicas: 2, target_ongoing_requests: 8}
     http: {host: 127.0.0.1, port: 8000}
 """

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from upcycle import runtime
 from upcycle.platform.step import Sink
 from upcycle.rlhf.rollout import MAX_RESTARTS, RolloutEngine
 from upcycle.rlhf.scorers import scorer_for, start_reward_model
@@ -36,6 +37,7 @@ def start_engines(job: RlhfJob, seq_length: int) -> list:
         num_gpus=job.rollout.gpus_per_rank,
         max_restarts=MAX_RESTARTS,
         max_task_retries=-1,
+        runtime_env={"env_vars": runtime.ENGINE_THREAD_ENV},
     )(RolloutEngine)
     runner = job.rollout.runner(seq_length)
     return [

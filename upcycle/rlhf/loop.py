@@ -108,6 +108,7 @@ class Coordinator:
                 "rollout/seconds": rollout_s,
                 "score/seconds": score_s,
                 "rollout/resyncs": float(self.resyncs),
+                "rollout/compiled_steps": float(sum(r["compiled_steps"] for r in results)),
             },
         }
 

@@ -36,7 +36,7 @@ class RolloutEngine:
 
         apply_cpu_patches()
         rc = RunnerConfig(**runner)
-        self.runner = ModelRunner(Path(ckpt), rc)
+        self.runner = ModelRunner(Path(ckpt), rc, live_weights=True)
         self.engine = Engine(self.runner.forward, **engine_args(ckpt, rc))
         self.version = 0
         self.inbox = Inbox()
@@ -53,7 +53,8 @@ class RolloutEngine:
     def generate(self, prompts: list[list], spec: dict) -> dict:
         """K samples for each [index, token ids] in `prompts` (sample k of prompt index i is
         seeded from (spec seed, i, k)): {"version", "samples": {index: [{"tokens", "text",
-        "logprob", "finish_reason"}]}, "tokens", "seconds"}."""
+        "logprob", "finish_reason"}]}, "tokens", "seconds", "compiled_steps"} (the engine's decode
+        steps so far that ran compiled: 0 where compile is off, not yet hot, or fell back)."""
         gen = GenerateSpec(**spec)
         began = time.perf_counter()
         requests = {}
@@ -76,20 +77,28 @@ class RolloutEngine:
             "samples": samples,
             "tokens": sum(len(s["tokens"]) for s in requests.values()),
             "seconds": time.perf_counter() - began,
+            "compiled_steps": self.runner.compiled_steps,
         }
 
     def probe(self, sequences: list[list[int]]) -> torch.Tensor:
         """The full-vocabulary logits [len(sequences), vocab] (fp32) at each sequence's last
-        token, computed the way serving computes them (one prefill, KV cache slots 0..n-1)."""
+        token, computed the way serving computes them: a prefill of all but the last token into
+        KV cache slots 0..n-1, then one decode step (the compiled one, where it is on)."""
         from upcycle.deploy.kv_cache import StepPlan
 
         if self.engine.has_work:
             raise RuntimeError("probe: the engine is generating; probe between batches")
+        if any(len(s) < 2 for s in sequences):
+            raise ValueError("probe: every sequence needs >= 2 tokens (a prefill and a decode)")
         n = len(sequences)
-        plan = StepPlan(
-            tokens=[t for s in sequences for t in s],
+        heads = [s[:-1] for s in sequences]
+        prefill = StepPlan(
+            tokens=[t for s in heads for t in s],
             slots=list(range(n)),
             offsets=[0] * n,
-            lengths=[len(s) for s in sequences],
+            lengths=[len(s) for s in heads],
         )
-        return self.runner.forward(plan)
+        self.runner.forward(prefill)
+        decode = StepPlan([s[-1] for s in sequences], list(range(n)), [len(s) for s in heads],
+                          [1] * n)  # fmt: skip
+        return self.runner.forward(decode)

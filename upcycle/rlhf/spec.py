@@ -37,8 +37,11 @@ class RolloutConfig:
     threads: int = 1  # torch threads per engine rank
     cpus_per_rank: float = 1.0
     gpus_per_rank: float = 0.0
+    compile: str = "auto"  # the engine's decode step: auto | on | off (upcycle.deploy.runner)
 
     def __post_init__(self) -> None:
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError("rollout.compile", f"{self.compile!r}: auto, on or off")
         for name in ("workers", "tp", "ep", "max_tokens", "max_num_seqs", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rollout.{name}", f"must be >= 1, got {getattr(self, name)}")
@@ -55,7 +58,8 @@ class RolloutConfig:
         return dict(tp=self.tp, ep=self.ep, max_num_seqs=self.max_num_seqs,
                     max_model_len=max_model_len, max_step_tokens=max(512, max_model_len),
                     threads=self.threads, cpus_per_rank=self.cpus_per_rank,
-                    gpus_per_rank=self.gpus_per_rank, dtype="float32")  # fmt: skip
+                    gpus_per_rank=self.gpus_per_rank, dtype="float32",
+                    compile=self.compile)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from upcycle import runtime
+
 
 def map_groups(
     records: list[dict], actor: type, kwargs: dict, *, group: int, workers: int, num_cpus: float
@@ -27,6 +29,7 @@ def map_groups(
         fn_constructor_kwargs=kwargs,
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=num_cpus,
+        runtime_env={"env_vars": runtime.ENGINE_THREAD_ENV},  # engines' threads (see there)
     )
     done = sorted((pair for r in ds.take_all() for pair in json.loads(r["group"])),
                   key=lambda p: p[0])  # fmt: skip

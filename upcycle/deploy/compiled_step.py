@@ -10,8 +10,9 @@ a CPU, C++/OpenMP loops and oneDNN GEMMs; on a GPU the graph is captured as a CU
 
 Decode shapes are what makes a compiled step reusable: the batch is padded to a bucket (1, 2,
 4, 8, ... up to max_num_seqs; padded rows write to a scratch cache slot nobody reads), so each
-bucket is compiled once; the attended cache length is the one dynamic size (marked so: no
-recompile as sequences grow). The step index is built from tensors inside the graph
+bucket is compiled once; on a CPU the attended cache length is the one dynamic size (marked
+so: no recompile as sequences grow), on a GPU the whole cache is attended, masked, so that each
+bucket is one CUDA graph (not run here: no GPU was lent to the session that wrote this). The step index is built from tensors inside the graph
 (`StepIndex.decode`).
 
 Prefill and mixed steps vary in every size (tokens, sequences, chunk and cache lengths): one
@@ -133,9 +134,12 @@ class DecodeStep:
             [tokens + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad],
             device=self.device,
         )  # one host-to-device copy for the three step inputs
-        # a decode step follows at least one cached token: the cache length is >= 2
-        key_positions = self._key_positions[: max(positions) + 1]
-        torch._dynamo.maybe_mark_dynamic(key_positions, 0)
+        if self.device.type == "cuda":
+            # a CUDA graph is recorded per shape: the whole cache, masked, keeps one per bucket
+            key_positions = self._key_positions
+        else:
+            key_positions = self._key_positions[: max(positions) + 1]
+            torch._dynamo.maybe_mark_dynamic(key_positions, 0)
         # frozen: weights folded in as constants, the GEMM ones prepacked for oneDNN, only where
         # they are never loaded again (upcycle.deploy.runner.FREEZE_MAX_BYTES). inductor reads
         # `freezing` from its global config when it compiles, at the first call of each bucket,

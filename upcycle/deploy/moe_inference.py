@@ -15,9 +15,10 @@ gathered weights are never copied. The shared expert is megatron's own module.
 
 The expert weights are re-homed into two stacked tensors ([E, 2f, h] and [E, h, f]) that the
 experts' parameters now view, so an in-place load (checkpoint, RLHF weight sync) updates both.
-Steps with more tokens than `max_tokens` (prefill) run megatron's own forward, which is fast for
-many tokens (upcycle.moe.experts). Installed only on single-rank replicas: under TP or EP the
-dispatcher's collectives stay megatron's.
+Eager steps with more tokens than `max_tokens` (prefill) run megatron's own forward, which is
+fast for many tokens (upcycle.moe.experts); compiled steps always take this path (megatron's
+cannot be compiled). Installed only on single-rank replicas: under TP or EP the dispatcher's
+collectives stay megatron's.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from megatron.core.transformer.moe.moe_utils import router_gating_linear
 # eager steps above this many tokens run megatron's MoE forward: there each used expert's
 # weights are read once for all its tokens, where here each token's k experts' weights are
 # gathered (measured on moe-bench, 2 AMD EPYC threads: 0.8 vs 1.8 ms per layer at 1 token, 2.8
-# vs 3.6 at 4, 19 vs 7 at 16). Under torch.compile every decode step takes this path: inductor
-# fuses the gather into the products (0.07 ms at 1 token, 0.7 at 16) and megatron's path, with
-# its host syncs, cannot be compiled at all.
+# vs 3.6 at 4, 19 vs 7 at 16). Under torch.compile every step takes this path: inductor fuses
+# the gather into the products (0.07 ms at 1 token, 0.7 at 16) and megatron's path, with its
+# host syncs, cannot be compiled at all.
 MAX_TOKENS = 4
 
 

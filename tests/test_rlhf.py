@@ -204,13 +204,17 @@ def test_grpo_learns_survives_a_killed_engine_and_resumes(task, tmp_path, ray_cl
 def test_online_dpo_learns_and_its_loss_is_the_hand_computation(task, tmp_path, ray_cluster):
     """Online DPO: the mean reward rises, and iteration 2's logged loss equals the loss computed
     by hand from the logged rollouts (best and worst by logged score) with the log-probs of the
-    policy after iteration 1 (its checkpoint) and of the starting policy (the reference)."""
+    policy after iteration 1 (its checkpoint) and of the starting policy (the reference). The
+    seed (prompts and samples) is one whose first iteration samples a right answer (1 in 32 at
+    random), so that iteration has a pair for its log(2) check."""
     job = _job(task, tmp_path, objective="online_dpo", iterations=12, save_interval=1,
-               train=TrainConfig(steps=12, lr=1e-2, min_lr=0.0, warmup_steps=0, weight_decay=0.0))  # fmt: skip
+               train=TrainConfig(steps=12, lr=1e-2, min_lr=0.0, warmup_steps=0, weight_decay=0.0,
+                                 seed=1))  # fmt: skip
     run_local(job, LocalSink(tmp_path / "run"))
     metrics = spooled_metrics(tmp_path / "run" / "tracking")
     rewards = [metrics[i]["reward/mean"] for i in range(1, 13)]
     assert sum(rewards[-2:]) / 2 - sum(rewards[:2]) / 2 >= 0.3, rewards
+    assert metrics[1]["pairs_used"] > 0
     assert metrics[1]["dpo_loss"] == pytest.approx(math.log(2), rel=1e-6)  # policy = reference
 
     def logps(ckpt, rows):

@@ -23,8 +23,8 @@ warnings.filterwarnings("ignore")
 from forward_throughput import MOE_BENCH  # noqa: E402
 from serve_throughput import median_pair, ours_once  # noqa: E402
 
-from upcycle.deploy.engine import Engine  # noqa: E402
-from upcycle.deploy.runner import ModelRunner, RunnerConfig  # noqa: E402
+from upcycle.deploy.engine.batching import Engine  # noqa: E402
+from upcycle.deploy.engine.runner import ModelRunner, RunnerConfig  # noqa: E402
 
 
 def engine(rc: RunnerConfig) -> Engine:

@@ -23,8 +23,8 @@ from serve_throughput import ours_once  # noqa: E402
 
 from upcycle import runtime  # noqa: E402
 from upcycle.config import from_name  # noqa: E402
-from upcycle.deploy.engine import Engine  # noqa: E402
-from upcycle.deploy.runner import ModelRunner, RunnerConfig  # noqa: E402
+from upcycle.deploy.engine.batching import Engine  # noqa: E402
+from upcycle.deploy.engine.runner import ModelRunner, RunnerConfig  # noqa: E402
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/rlhf_iteration.py [--preset tiny-moe] [--iterations 6]
         [--objective online_dpo|grpo] [--samples 4] [--max-tokens 16] [--compile on|auto|off]
+        [--prefix-caching on|off]
 
 1. `upcycle rlhf`'s loop (upcycle.rlhf.loop) in this process as one trainer rank, with one
    rollout engine actor (tp 1) and the exact verifier, on the arithmetic prompts
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--compile", default="on", choices=("on", "auto", "off"))
+    parser.add_argument("--prefix-caching", default="on", choices=("on", "off"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -66,7 +68,8 @@ def main() -> None:
             policy=str(policy), prompts=str(PROMPTS), objective=args.objective, scorer="exact",
             iterations=args.iterations, prompts_per_iteration=8,
             rollout=RolloutConfig(samples=args.samples, max_tokens=args.max_tokens,
-                                  compile=args.compile),
+                                  compile=args.compile,
+                                  prefix_caching=args.prefix_caching == "on"),
             train=TrainConfig(steps=args.iterations, lr=1e-4, min_lr=0.0, warmup_steps=0),
             tracking_dir=str(tmp / "run" / "tracking"), tracking_uri=f"sqlite:///{tmp}/mlflow.db",
         )  # fmt: skip
@@ -76,7 +79,8 @@ def main() -> None:
         med = {k: statistics.median(m[k] for m in per_iteration)
                for k in (*PARTS, "iteration/seconds", "rollout/tokens_per_s")}  # fmt: skip
         print(f"{args.preset}, {args.objective}, 8 prompts x {args.samples} samples x <= "
-              f"{args.max_tokens} tokens, 1 trainer rank, 1 engine (compile {args.compile}); "
+              f"{args.max_tokens} tokens, 1 trainer rank, 1 engine (compile {args.compile}, "
+              f"prefix caching {args.prefix_caching}); "
               "median of "
               f"{len(per_iteration)} iterations")  # fmt: skip
         print(f"  rollout {med['rollout/tokens_per_s']:,.0f} tokens/s")

@@ -14,7 +14,7 @@ this script restarts itself with them; the peers run with their own defaults) an
 a batch size compiles after 256 decode steps); each batch size's compile happens in the warm-up
 run and its time is printed. For N streams, N
 requests of `--prompt` random tokens each ask for `--tokens` tokens at once: ours goes through
-the continuous-batching `Engine` over the megatron-core model (KV cache slots, one forward per
+the continuous-batching `Engine` over the megatron-core model (paged KV cache, one forward per
 step), transformers through one `generate` call on the batch of N (its KV cache, greedy, no
 early stop). Time to first token is, for ours, the median over requests of the time from
 submission to the first token; for transformers the time of `generate(max_new_tokens=1)` on the
@@ -54,9 +54,9 @@ from forward_throughput import MOE_BENCH  # noqa: E402
 
 from upcycle.config import from_name  # noqa: E402
 from upcycle.conversion.hf_interop import transformers_twin  # noqa: E402
-from upcycle.deploy.engine import Engine  # noqa: E402
-from upcycle.deploy.runner import ModelRunner, RunnerConfig  # noqa: E402
-from upcycle.deploy.sampling import SamplingParams  # noqa: E402
+from upcycle.deploy.engine.batching import Engine  # noqa: E402
+from upcycle.deploy.engine.runner import ModelRunner, RunnerConfig  # noqa: E402
+from upcycle.deploy.engine.sampling import SamplingParams  # noqa: E402
 from upcycle.moe.model import build_model  # noqa: E402
 from upcycle.platform.checkpoint import save_checkpoint  # noqa: E402
 from upcycle.platform.distributed import single_process  # noqa: E402
@@ -203,6 +203,8 @@ def main() -> None:
             eos_ids=(),
             vocab_limit=cfg.vocab_size,
             decode=lambda ids: "",  # throughput of the model, not of the tokenizer
+            # every repeat sends the same prompts: each one's prefill is measured, not a cache
+            prefix_caching=False,
         )
         rows = {}
         for n in args.streams:

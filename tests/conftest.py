@@ -43,6 +43,8 @@ def ray_cluster():
         object_store_memory=300 * 1024**2,
         _temp_dir=temp,
         log_to_driver=False,
+        # metrics reach the node's Prometheus endpoint within a second (default 10 s)
+        _system_config={"metrics_report_interval_ms": 1000},
     )
     yield
     ray.shutdown()
@@ -121,3 +123,11 @@ def positions(tokens: torch.Tensor) -> torch.Tensor:
 def logits_of(model, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(tokens, positions(tokens), None)
+
+
+def slot_tables(slots: list[int], max_model_len: int, block_size: int = 16) -> list[list[int]]:
+    """Block tables giving sequence "slot" s the blocks of a whole max_model_len sequence of its
+    own (the pool a runner has by default: max_num_seqs such runs), for tests that feed
+    `StepPlan`s by hand."""
+    per = -(-max_model_len // block_size)
+    return [list(range(s * per, (s + 1) * per)) for s in slots]

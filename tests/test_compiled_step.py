@@ -1,5 +1,5 @@
-"""The compiled steps (`engine.compile`, upcycle.deploy.compiled_step) and the MoE serving
-path (upcycle.deploy.moe_inference) against their eager references: megatron-core's own MoE
+"""The compiled steps (`engine.compile`, upcycle.deploy.engine.compiled_step) and the MoE serving
+path (upcycle.deploy.engine.moe_inference) against their eager references: megatron-core's own MoE
 layer, and the eager engine on the same schedule of requests joining and leaving mid-flight."""
 
 from __future__ import annotations
@@ -9,15 +9,15 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_qwen2_moe
+from conftest import slot_tables, tiny_qwen2_moe
 
 from upcycle import runtime
 from upcycle.conversion.hf_interop import import_hf
-from upcycle.deploy import compiled_step, moe_inference
-from upcycle.deploy.engine import Engine
-from upcycle.deploy.kv_cache import StepPlan
-from upcycle.deploy.runner import ModelRunner, RunnerConfig
-from upcycle.deploy.sampling import SamplingParams
+from upcycle.deploy.engine import compiled_step, moe_inference
+from upcycle.deploy.engine.batching import Engine
+from upcycle.deploy.engine.kv_cache import StepPlan
+from upcycle.deploy.engine.runner import ModelRunner, RunnerConfig
+from upcycle.deploy.engine.sampling import SamplingParams
 from upcycle.moe.model import build_model
 from upcycle.platform.checkpoint import read_model_config
 from upcycle.platform.distributed import single_process
@@ -125,8 +125,9 @@ def test_compiled_bf16_decode_is_as_close_as_eager_bf16(ckpt):
     reorders the sums (and, frozen, prepacks the GEMM weights), so the two round differently;
     a wrong weight, cache row or mask would be off by the size of the logits."""
     prompts = [[7, 8, 9, 10], [1, 2, 3], [4, 5, 6, 7, 8], [9, 9]]
-    plans = [StepPlan(sum(prompts, []), [0, 1, 2, 3], [0] * 4, [len(p) for p in prompts]),
-             StepPlan([11, 12, 13, 14], [0, 1, 2, 3], [len(p) for p in prompts], [1] * 4)]  # fmt: skip
+    tables = slot_tables([0, 1, 2, 3], CONTEXT)
+    plans = [StepPlan(sum(prompts, []), tables, [0] * 4, [len(p) for p in prompts]),
+             StepPlan([11, 12, 13, 14], tables, [len(p) for p in prompts], [1] * 4)]  # fmt: skip
     out = {}
     for name, compile, dtype in (("exact", "off", "float32"), ("eager", "off", "bfloat16"),
                                  ("compiled", "on", "bfloat16")):  # fmt: skip
@@ -144,7 +145,7 @@ def test_a_failed_compile_falls_back_to_eager_with_one_warning(ckpt, monkeypatch
         raise RuntimeError("no C++ compiler (forced by the test)")
 
     want = _schedule(_engine(_runner(ckpt, "off"), []), SamplingParams(temperature=0.0))
-    monkeypatch.setattr("upcycle.deploy.runner.DecodeStep",
+    monkeypatch.setattr("upcycle.deploy.engine.runner.DecodeStep",
                         functools.partial(compiled_step.DecodeStep, backend=failing_backend))  # fmt: skip
     runner = _runner(ckpt, "on")
     with warnings.catch_warnings(record=True) as caught:
@@ -158,12 +159,13 @@ def test_a_failed_compile_falls_back_to_eager_with_one_warning(ckpt, monkeypatch
 def test_auto_compiles_a_bucket_only_once_it_is_busy(ckpt, monkeypatch):
     """engine.compile auto: a bucket's decode steps stay eager until it has decoded
     `AUTO_COMPILE_AFTER` steps (here 3), then run compiled."""
-    monkeypatch.setattr("upcycle.deploy.runner.AUTO_COMPILE_AFTER", 3)
+    monkeypatch.setattr("upcycle.deploy.engine.runner.AUTO_COMPILE_AFTER", 3)
     runner = _runner(ckpt, "auto")
     calls = []
     real = runner._decode._compiled
     runner._decode._compiled = lambda *a: calls.append(a[2].shape[0]) or real(*a)
-    runner.forward(StepPlan([1, 2, 3], [0], [0], [3]))
+    table = slot_tables([0], CONTEXT)
+    runner.forward(StepPlan([1, 2, 3], table, [0], [3]))
     for t in range(5):
-        runner.forward(StepPlan([4], [0], [3 + t], [1]))
+        runner.forward(StepPlan([4], table, [3 + t], [1]))
     assert calls == [1, 1]  # steps 4 and 5 of bucket 1

@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_qwen2
+from conftest import slot_tables, tiny_qwen2
 
 from upcycle.conversion.hf_interop import import_hf, model_from_hf
 from upcycle.dense.dual_chunk import DualChunk
-from upcycle.deploy.kv_cache import StepPlan
-from upcycle.deploy.runner import ModelRunner, RunnerConfig
+from upcycle.deploy.engine.kv_cache import StepPlan
+from upcycle.deploy.engine.runner import ModelRunner, RunnerConfig
 
 TRAINED = 32  # chunk c = 24, local window w = 2, chunk length s = 22
 HEAD_DIM = 16
@@ -83,7 +83,7 @@ def _teacher_forced(runner: ModelRunner, prompts: dict[int, list[int]], prefill:
                 for s, n in zip(live, lengths, strict=True)
                 for t in prompts[s][done[s] : done[s] + n]
             ],
-            slots=live,
+            tables=slot_tables(live, 96),
             offsets=[done[s] for s in live],
             lengths=lengths,
         )

@@ -194,7 +194,7 @@ def test_bf16_training_tracks_fp32(corpus, tmp_path):
 
 def test_bf16_where_the_cpu_has_no_bf16_is_refused_by_name(monkeypatch):
     from upcycle import runtime
-    from upcycle.deploy.runner import RunnerConfig
+    from upcycle.deploy.engine.runner import RunnerConfig
 
     assert RunnerConfig(dtype="bfloat16").torch_dtype == torch.bfloat16
     assert RunnerConfig().torch_dtype == (torch.bfloat16 if runtime.has_cuda() else torch.float32)

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_qwen2, tiny_qwen2_moe
+from conftest import slot_tables, tiny_qwen2, tiny_qwen2_moe
 
 from upcycle import runtime
 from upcycle.conversion.hf_interop import import_hf
 from upcycle.dense.tokenizer import get_tokenizer
-from upcycle.deploy.engine import Engine
-from upcycle.deploy.kv_cache import StepPlan
-from upcycle.deploy.runner import ModelRunner, RunnerConfig
-from upcycle.deploy.sampling import SamplingParams, sample
+from upcycle.deploy.engine.batching import Engine
+from upcycle.deploy.engine.kv_cache import StepPlan
+from upcycle.deploy.engine.runner import ModelRunner, RunnerConfig
+from upcycle.deploy.engine.sampling import SamplingParams, sample
 
 CONTEXT = 256
 
@@ -200,8 +200,9 @@ def test_bf16_serving_against_transformers_bf16(model):
     rc = RunnerConfig(max_num_seqs=1, max_model_len=CONTEXT, dtype="bfloat16")
     runner = ModelRunner(ckpt, rc)
     n = len(prompt)  # prefill, then one cached decode step per continuation token
-    steps = [StepPlan(prompt, [0], [0], [n])]
-    steps += [StepPlan([seq[t]], [0], [t], [1]) for t in range(n, len(seq) - 1)]
+    table = slot_tables([0], CONTEXT)
+    steps = [StepPlan(prompt, table, [0], [n])]
+    steps += [StepPlan([seq[t]], table, [t], [1]) for t in range(n, len(seq) - 1)]
     ours = torch.stack([runner.forward(plan)[0, :512] for plan in steps])
     with torch.no_grad():
         exact = hf(torch.tensor([seq])).logits[0, n - 1 : -1].float()

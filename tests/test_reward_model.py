@@ -235,7 +235,7 @@ def test_bad_reward_input_names_the_fix(tmp_path):
         _job(
             tmp_path, pairs, objective="dpo", model=DENSE, init_from=str(tmp_path / "rm")
         ).validate(1)
-    from upcycle.deploy.runner import RunnerConfig
+    from upcycle.deploy.engine.runner import RunnerConfig
 
     with pytest.raises(ConfigError, match="model: .* does not generate"):
         RunnerConfig().check(DENSE.as_reward_model())

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from upcycle.config import from_name
 from upcycle.dense.tokenizer import get_tokenizer
 from upcycle.deploy import app as serve_app
-from upcycle.deploy.engine import Engine
-from upcycle.deploy.runner import ModelRunner, RunnerConfig
-from upcycle.deploy.sampling import SamplingParams
+from upcycle.deploy.engine.batching import Engine
+from upcycle.deploy.engine.runner import ModelRunner, RunnerConfig
+from upcycle.deploy.engine.sampling import SamplingParams
 from upcycle.deploy.spec import ServeSpec
 from upcycle.moe.model import build_model
 from upcycle.platform.checkpoint import save_checkpoint
@@ -98,6 +98,56 @@ def _local_greedy(checkpoint, prompt: list[int], max_tokens: int, *, stop_ids=()
     return text
 
 
+def _scrape(prefix: str = "ray_upcycle_") -> dict[str, float]:
+    """This node's Prometheus metrics (Ray's export) named `prefix`..., summed over replicas."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(prefix) and "le" not in sample.labels:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+def test_n_choices_share_the_prompt_and_the_metrics_count_them(server):
+    """First in this module, so the engine's counters start at 0: one request for 4 greedy
+    choices of a 3-block prompt (the same text 4 times, its blocks computed once: 3 x 48 prompt
+    tokens found cached) and one plain request; the replica's Prometheus metrics, scraped from
+    Ray's export, count 5 finished requests, their tokens and latencies, and the hits."""
+    client = _client(server)
+    prompt = get_tokenizer().decode(list(range(1000, 1052)))
+    ids = get_tokenizer().encode(prompt)
+    assert len(ids) >= 48 and len(ids) % 16  # three full blocks of 16 and some more
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, n=4)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert len({c.text for c in r.choices}) == 1  # greedy: the same text each time
+    assert r.usage.completion_tokens == 4 * 6 and r.usage.prompt_tokens == len(ids)
+    client.completions.create(model=MODEL, prompt="x = 1", max_tokens=3, temperature=0)
+    want = {
+        "ray_upcycle_request_success_total": 5,
+        "ray_upcycle_generation_tokens_total": 4 * 6 + 3,
+        "ray_upcycle_time_to_first_token_seconds_count": 5,
+        "ray_upcycle_time_per_output_token_seconds_count": 4 * 5 + 2,
+        "ray_upcycle_e2e_request_latency_seconds_count": 5,
+        "ray_upcycle_prompt_tokens_total": 4 * len(ids) + len(get_tokenizer().encode("x = 1")),
+        "ray_upcycle_prefix_cache_hits_total": 3 * (len(ids) // 16) * 16,
+    }
+    deadline, got = time.time() + 60, {}
+    while time.time() < deadline:
+        got = _scrape()
+        if all(got.get(name) == value for name, value in want.items()):
+            break
+        time.sleep(1)
+    assert {name: got.get(name) for name in want} == want
+    assert got["ray_upcycle_kv_cache_blocks_total"] == 16 * CONTEXT // 16  # one replica
+    assert 0 < got["ray_upcycle_prefix_cache_hit_rate"] < 1
+    assert got["ray_upcycle_num_requests_running"] == 0
+
+
 def test_openai_client_completions(server, checkpoint):
     client = _client(server)
     assert [m.id for m in client.models.list().data] == [MODEL]
@@ -161,7 +211,8 @@ BAD = [
     ('{"model": "tiny-moe", "prompt": "x", "max_tokens": 500}', 400, "max_tokens"),
     ('{"model": "tiny-moe", "prompt": "x", "temperature": 2.5}', 400, "temperature"),
     ('{"model": "tiny-moe", "prompt": "x", "top_p": 0}', 400, "top_p"),
-    ('{"model": "tiny-moe", "prompt": "x", "n": 2}', 400, "n"),
+    ('{"model": "tiny-moe", "prompt": "x", "n": 17}', 400, "n"),
+    ('{"model": "tiny-moe", "prompt": "x", "n": 2, "stream": true}', 400, "n"),
     ('{"model": "tiny-moe", "prompt": [1, -5]}', 400, "prompt"),
     ('{"model": "gpt-4", "prompt": "x"}', 404, "model"),
 ]
@@ -198,7 +249,7 @@ def test_openapi_document_lists_every_status_the_server_answers(server):
     assert (props["temperature"]["minimum"], props["temperature"]["maximum"]) == (0.0, 2.0)
     assert props["top_p"]["exclusiveMinimum"] == 0.0 and props["top_p"]["maximum"] == 1.0
     assert (
-        props["n"]["maximum"] == 1
+        props["n"]["maximum"] == 16
         and "model" in doc["components"]["schemas"]["CompletionRequest"]["required"]
     )
 

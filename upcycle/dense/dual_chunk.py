@@ -15,7 +15,7 @@ of the three score blocks: that is how `attend` computes it. An input of at most
 never past the successive chunk with an uncapped position, so DCA then equals plain attention.
 
 Why our own: megatron-core has no DCA, and vLLM's is a set of CUDA flash-attention kernels.
-Used by the serving engine (upcycle.deploy.kv_cache) when `engine.dual_chunk_length` is set.
+Used by the serving engine (upcycle.deploy.engine.kv_cache) when `engine.dual_chunk_length` is set.
 """
 
 from __future__ import annotations

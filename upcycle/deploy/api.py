@@ -1,7 +1,7 @@
 """The OpenAI wire format: request schemas (pydantic), error bodies, response and chunk objects.
 
 Unknown request fields are ignored (clients send fields such as `user`); fields we cannot honour
-(n > 1, logprobs, echo, penalties) are refused with a 400 that names them.
+(logprobs, echo, penalties, n > 1 with streaming) are refused with a 400 that names them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from upcycle.deploy.sampling import SamplingParams
+from upcycle.deploy.engine.sampling import SamplingParams
 
 
 class OpenAIError(Exception):
@@ -62,7 +62,15 @@ def validation_error(errors: list[dict]) -> OpenAIError:
     if first.get("type") == "json_invalid":
         return OpenAIError(400, f"body: not valid JSON ({first.get('msg')})")
     loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-    return OpenAIError(400, f"{loc or 'body'}: {first.get('msg', 'invalid')}", param=loc or None)
+    msg = first.get("msg", "invalid")
+    if not loc and first.get("type") == "value_error":  # a check across fields ("n: why")
+        msg = msg.removeprefix("Value error, ")
+        return OpenAIError(400, msg, param=msg.split(":", 1)[0] if ": " in msg else None)
+    return OpenAIError(400, f"{loc or 'body'}: {msg}", param=loc or None)
+
+
+# choices one request may ask for (`n`)
+MAX_CHOICES = 16
 
 
 class StreamOptions(BaseModel):
@@ -79,7 +87,10 @@ class _Sampling(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # not OpenAI's; as vLLM offers it
-    n: int = Field(default=1, ge=1, le=1, description="one completion per request")
+    n: int = Field(
+        default=1, ge=1, le=MAX_CHOICES,
+        description="completions of the prompt (they share its KV-cache blocks); 1 when streaming",
+    )  # fmt: skip
     seed: int | None = None
     stop: str | list[str] | None = Field(default=None, description="up to 4 non-empty strings")
     stream: bool = False
@@ -90,6 +101,8 @@ class _Sampling(BaseModel):
 
     @model_validator(mode="after")
     def _supported(self):
+        if self.n > 1 and self.stream:
+            raise ValueError("n: several choices are not streamed; set stream false or n 1")
         if self.logprobs:
             raise ValueError("logprobs: not supported by this server; leave it unset")
         if self.presence_penalty or self.frequency_penalty:
@@ -172,21 +185,26 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def completion(rid: str, model: str, text: str, finish: str | None, use: dict | None) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+def completion(
+    rid: str, model: str, choices: list[tuple[str, str | None]], use: dict | None
+) -> dict:
+    """A completion (or one streamed chunk of it): `choices` (text, finish reason)."""
     body = {
         "id": rid,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
+        "choices": [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+            for i, (text, finish) in enumerate(choices)
+        ],
     }
     if use is not None:
         body["usage"] = use
     return body
 
 
-def chat_completion(rid: str, model: str, text: str, finish: str, use: dict) -> dict:
+def chat_completion(rid: str, model: str, choices: list[tuple[str, str]], use: dict) -> dict:
     return {
         "id": rid,
         "object": "chat.completion",
@@ -194,11 +212,12 @@ def chat_completion(rid: str, model: str, text: str, finish: str, use: dict) -> 
         "model": model,
         "choices": [
             {
-                "index": 0,
+                "index": i,
                 "message": {"role": "assistant", "content": text},
                 "logprobs": None,
                 "finish_reason": finish,
             }
+            for i, (text, finish) in enumerate(choices)
         ],
         "usage": use,
     }

@@ -37,8 +37,8 @@ from upcycle import runtime
 from upcycle.config import ModelConfig
 from upcycle.deploy import api
 from upcycle.deploy.api import OpenAIError
-from upcycle.deploy.engine import check_request
-from upcycle.deploy.sampling import SamplingParams
+from upcycle.deploy.engine.batching import check_request
+from upcycle.deploy.engine.sampling import SamplingParams
 from upcycle.deploy.spec import ServeSpec
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,14 @@ def engine_args(ckpt: str, rc) -> dict:
     """An `Engine`'s settings for checkpoint `ckpt` under `RunnerConfig` `rc` (everything but
     its forward function)."""
     from upcycle.dense.tokenizer import get_tokenizer
+    from upcycle.platform.checkpoint import read_model_config
 
     vocab_limit, eos = engine_limits(ckpt)
     return dict(max_num_seqs=rc.max_num_seqs, max_model_len=rc.max_model_len,
                 max_step_tokens=rc.max_step_tokens, eos_ids=eos, vocab_limit=vocab_limit,
-                decode=get_tokenizer().decode)  # fmt: skip
+                decode=get_tokenizer().decode, num_blocks=rc.kv_blocks(read_model_config(
+                    Path(ckpt))), block_size=rc.block_size, prefix_caching=rc.prefix_caching,
+                reserve_tokens=rc.reserve_tokens)  # fmt: skip
 
 
 def engine_limits(ckpt: str) -> tuple[int, tuple[int, ...]]:
@@ -98,13 +101,16 @@ def engine_limits(ckpt: str) -> tuple[int, tuple[int, ...]]:
 class EngineReplica:
     """One model replica with continuous batching; `generate` streams dicts of `Output`."""
 
-    def __init__(self, ckpt: str, runner: dict):
-        from upcycle.deploy.engine import AsyncEngine
-        from upcycle.deploy.runner import ModelRunner, RunnerConfig
+    def __init__(self, ckpt: str, runner: dict, model: str):
+        from upcycle.deploy.engine.batching import AsyncEngine
+        from upcycle.deploy.engine.metrics import EngineMetrics
+        from upcycle.deploy.engine.runner import ModelRunner, RunnerConfig
 
         rc = RunnerConfig(**runner)
         self.engine = AsyncEngine(
-            lambda: ModelRunner(Path(ckpt), rc).forward, **engine_args(ckpt, rc)
+            lambda: ModelRunner(Path(ckpt), rc).forward,
+            metrics=EngineMetrics(model),
+            **engine_args(ckpt, rc),
         )
         self.engine.wait_ready(timeout=900)
 
@@ -114,12 +120,15 @@ class EngineReplica:
 
     def stats(self) -> dict:
         """This replica's process and load (for operators and the replica-failure test)."""
-        engine = self.engine.engine
+        scheduler = self.engine.engine.scheduler
         return {
             "pid": os.getpid(),
-            "running": len(engine.running),
-            "waiting": len(engine.waiting),
-            "free_slots": len(engine.free_slots),
+            "running": len(scheduler.running),
+            "waiting": len(scheduler.waiting),
+            "blocks_used": scheduler.pool.used,
+            "blocks_total": scheduler.pool.num_blocks,
+            "prefix_cache_hit_tokens": scheduler.prompt_tokens_hit,
+            "preemptions": scheduler.preemptions,
         }
 
     def check_health(self) -> None:
@@ -157,11 +166,11 @@ class Ingress:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
             def chunk(out: dict) -> dict:
-                return api.completion(rid, self.model, out["text"], out["finish_reason"], None)
+                return api.completion(rid, self.model, [(out["text"], out["finish_reason"])], None)
 
             return self._sse(ids, params, chunk, include_usage, usage_chunk=self._usage_chunk(rid))
-        text, finish, use = await self._collect(ids, params)
-        return api.completion(rid, self.model, text, finish, use)
+        choices, use = await self._collect(ids, params, req.n)
+        return api.completion(rid, self.model, choices, use)
 
     @http.post("/v1/chat/completions", responses=api.COMPLETION_ERRORS)
     async def chat(self, req: api.ChatRequest):
@@ -183,12 +192,12 @@ class Ingress:
                 return api.chat_chunk(rid, self.model, {}, None, use)
 
             return self._sse(ids, params, chunk, include_usage, usage_chunk=usage_chunk)
-        text, finish, use = await self._collect(ids, params)
-        return api.chat_completion(rid, self.model, text, finish, use)
+        choices, use = await self._collect(ids, params, req.n)
+        return api.chat_completion(rid, self.model, choices, use)
 
     def _usage_chunk(self, rid: str):
         def usage_chunk(use: dict) -> dict:
-            body = api.completion(rid, self.model, "", None, use)
+            body = api.completion(rid, self.model, [], use)
             body["choices"] = []
             return body
 
@@ -210,12 +219,23 @@ class Ingress:
             raise OpenAIError(400, str(e), param=str(e).split(":", 1)[0]) from None
         return params
 
-    async def _collect(self, ids: list[int], params: SamplingParams) -> tuple[str, str, dict]:
-        parts, finish, last = [], None, None
-        async for out in self._generate(ids, params):
-            parts.append(out["text"])
-            finish, last = out["finish_reason"], out
-        return "".join(parts), finish, api.usage(len(ids), last["completion_tokens"])
+    async def _collect(
+        self, ids: list[int], params: SamplingParams, n: int
+    ) -> tuple[list[tuple[str, str]], dict]:
+        """`n` completions of prompt `ids` (choice k seeded seed + k) and their usage. They are
+        sent together, so the replica's prefix cache lets them share the prompt's blocks."""
+
+        async def one(k: int) -> tuple[str, str, int]:
+            seed = None if params.seed is None else params.seed + k
+            parts, finish, last = [], None, None
+            async for out in self._generate(ids, dataclasses.replace(params, seed=seed)):
+                parts.append(out["text"])
+                finish, last = out["finish_reason"], out
+            return "".join(parts), finish, last["completion_tokens"]
+
+        done = await asyncio.gather(*(one(k) for k in range(n)))
+        use = api.usage(len(ids), sum(tokens for _, _, tokens in done))
+        return [(text, finish) for text, finish, _ in done], use
 
     def _sse(self, ids, params, chunk, include_usage: bool, *, usage_chunk) -> StreamingResponse:
         async def events() -> AsyncIterator[str]:
@@ -282,7 +302,7 @@ def build_app(args: dict | ServeSpec):
             "runtime_env": {"env_vars": runtime.ENGINE_THREAD_ENV},
         },
         health_check_period_s=5,
-    ).bind(str(ckpt), rc.model_dump())
+    ).bind(str(ckpt), rc.model_dump(), spec.name or cfg.name)
     return Ingress.options(max_ongoing_requests=1000).bind(
         engine, spec.name or cfg.name, str(ckpt), rc.model_dump(), spec.retries
     )

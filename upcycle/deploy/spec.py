@@ -4,6 +4,7 @@ listens. Validated with pydantic; an error names the YAML path of the field and 
     model: runs:/3f2a...          # or a checkpoint / transformers folder, or models:/NAME/1
     name: tiny-moe                # the model id clients send (default: the model's name)
     engine: {tp: 1, ep: 1, max_num_seqs: 16, max_model_len: 2048, max_step_tokens: 512,
+             block_size: 16, kv_cache_gib: null, prefix_caching: true, reserve_tokens: 256,
              cpus_per_rank: 1, gpus_per_rank: 0, compile: auto}
     autoscaling: {min_replicas: 1, max_replicas: 2, target_ongoing_requests: 8}
     http: {host: 127.0.0.1, port: 8000}
@@ -17,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from upcycle.config import ConfigError
-from upcycle.deploy.runner import RunnerConfig
+from upcycle.deploy.engine.runner import RunnerConfig
 
 
 class _Strict(BaseModel):

@@ -36,7 +36,7 @@ class NeedleSpec:
     def runner_config(self):
         """The serving engine's settings for this grid (checked against the model with
         `.check(cfg)` before any work)."""
-        from upcycle.deploy.runner import RunnerConfig
+        from upcycle.deploy.engine.runner import RunnerConfig
 
         return RunnerConfig(
             max_num_seqs=4,
@@ -111,9 +111,9 @@ def build_prompt(
 
 def run_grid(ckpt: Path, data: Path, spec: NeedleSpec) -> NeedleResult:
     """Every (length, depth, trial) prompt through one serving engine; greedy answers."""
-    from upcycle.deploy.engine import Engine
-    from upcycle.deploy.runner import ModelRunner
-    from upcycle.deploy.sampling import SamplingParams
+    from upcycle.deploy.engine.batching import Engine
+    from upcycle.deploy.engine.runner import ModelRunner
+    from upcycle.deploy.engine.sampling import SamplingParams
     from upcycle.platform.checkpoint import read_model_config
     from upcycle.platform.cpu import apply_cpu_patches
     from upcycle.platform.data import TokenDataset
@@ -135,8 +135,11 @@ def run_grid(ckpt: Path, data: Path, spec: NeedleSpec) -> NeedleResult:
     rc = spec.runner_config()
     cfg = read_model_config(Path(ckpt))
     rc.check(cfg)
+    runner = ModelRunner(Path(ckpt), rc)
     engine = Engine(
-        ModelRunner(Path(ckpt), rc).forward,
+        runner.forward,
+        num_blocks=runner.num_blocks,
+        block_size=rc.block_size,
         max_num_seqs=rc.max_num_seqs,
         max_model_len=rc.max_model_len,
         max_step_tokens=rc.max_step_tokens,

@@ -69,7 +69,7 @@ def run_generate(
     """`upcycle generate`: every check (spec, prompts, model, engine, prompt lengths) before
     any actor starts, then batch generation on the connected Ray cluster (generation.py)."""
     from upcycle.deploy.app import engine_limits, resolve_model
-    from upcycle.deploy.engine import check_request
+    from upcycle.deploy.engine.batching import check_request
     from upcycle.deploy.spec import ServeSpec
 
     spec.check()

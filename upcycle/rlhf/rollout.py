@@ -30,8 +30,8 @@ class RolloutEngine:
 
     def __init__(self, ckpt: str, runner: dict):
         from upcycle.deploy.app import engine_args
-        from upcycle.deploy.engine import Engine
-        from upcycle.deploy.runner import ModelRunner, RunnerConfig
+        from upcycle.deploy.engine.batching import Engine
+        from upcycle.deploy.engine.runner import ModelRunner, RunnerConfig
         from upcycle.platform.cpu import apply_cpu_patches
 
         apply_cpu_patches()
@@ -47,6 +47,7 @@ class RolloutEngine:
         full = self.inbox.add(version, rank, world, part)
         if full is not None:
             self.runner.load_weights(full)
+            self.engine.scheduler.pool.forget()  # cached prefixes hold the old policy's keys
             self.version = version
         return self.version
 
@@ -83,22 +84,30 @@ class RolloutEngine:
     def probe(self, sequences: list[list[int]]) -> torch.Tensor:
         """The full-vocabulary logits [len(sequences), vocab] (fp32) at each sequence's last
         token, computed the way serving computes them: a prefill of all but the last token into
-        KV cache slots 0..n-1, then one decode step (the compiled one, where it is on)."""
-        from upcycle.deploy.kv_cache import StepPlan
+        KV-cache blocks of the engine's pool, then one decode step (the compiled one, where it is
+        on)."""
+        from upcycle.deploy.engine.kv_cache import StepPlan
 
         if self.engine.has_work:
             raise RuntimeError("probe: the engine is generating; probe between batches")
         if any(len(s) < 2 for s in sequences):
             raise ValueError("probe: every sequence needs >= 2 tokens (a prefill and a decode)")
-        n = len(sequences)
-        heads = [s[:-1] for s in sequences]
-        prefill = StepPlan(
-            tokens=[t for s in heads for t in s],
-            slots=list(range(n)),
-            offsets=[0] * n,
-            lengths=[len(s) for s in heads],
-        )
-        self.runner.forward(prefill)
-        decode = StepPlan([s[-1] for s in sequences], list(range(n)), [len(s) for s in heads],
-                          [1] * n)  # fmt: skip
-        return self.runner.forward(decode)
+        pool = self.engine.scheduler.pool
+        tables = [
+            [pool.allocate() for _ in range(-(-len(s) // pool.block_size))] for s in sequences
+        ]
+        try:
+            heads = [s[:-1] for s in sequences]
+            prefill = StepPlan(
+                tokens=[t for s in heads for t in s],
+                tables=tables,
+                offsets=[0] * len(heads),
+                lengths=[len(s) for s in heads],
+            )
+            self.runner.forward(prefill)
+            decode = StepPlan([s[-1] for s in sequences], tables, [len(s) for s in heads],
+                              [1] * len(heads))  # fmt: skip
+            return self.runner.forward(decode)
+        finally:
+            for table in tables:
+                pool.release(table)

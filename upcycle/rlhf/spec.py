@@ -37,7 +37,12 @@ class RolloutConfig:
     threads: int = 1  # torch threads per engine rank
     cpus_per_rank: float = 1.0
     gpus_per_rank: float = 0.0
-    compile: str = "auto"  # the engine's decode step: auto | on | off (upcycle.deploy.runner)
+    compile: str = (
+        "auto"  # the engine's decode step: auto | on | off (upcycle.deploy.engine.runner)
+    )
+    prefix_caching: bool = (
+        True  # a prompt's K samples share its KV blocks (upcycle.deploy.engine.blocks)
+    )
 
     def __post_init__(self) -> None:
         if self.compile not in ("auto", "on", "off"):
@@ -53,13 +58,13 @@ class RolloutConfig:
             )
 
     def runner(self, max_model_len: int) -> dict:
-        """The engine's `RunnerConfig` fields (upcycle.deploy.runner); fp32 weights, so a
+        """The engine's `RunnerConfig` fields (upcycle.deploy.engine.runner); fp32 weights, so a
         synced engine computes what the trainer's fp32 model computes."""
         return dict(tp=self.tp, ep=self.ep, max_num_seqs=self.max_num_seqs,
                     max_model_len=max_model_len, max_step_tokens=max(512, max_model_len),
                     threads=self.threads, cpus_per_rank=self.cpus_per_rank,
                     gpus_per_rank=self.gpus_per_rank, dtype="float32",
-                    compile=self.compile)  # fmt: skip
+                    compile=self.compile, prefix_caching=self.prefix_caching)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -189,7 +194,7 @@ class RlhfJob:
     def validate(self, world_size: int) -> tuple[ModelConfig, Layout, list[dict]]:
         """Check the job for `world_size` trainer ranks before any actor starts: the policy's
         model config, the trainer's layout and the prompt records."""
-        from upcycle.deploy.runner import RunnerConfig
+        from upcycle.deploy.engine.runner import RunnerConfig
         from upcycle.platform.checkpoint import MODEL_CONFIG, read_model_config
         from upcycle.rlhf.prompts import read_tasks
 

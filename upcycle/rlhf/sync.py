@@ -10,7 +10,7 @@ conversions use (`upcycle.conversion.shards`: which slice of which full tensor a
   layers and experts, so the union over ranks is the whole model, each tensor once.
 - `Inbox` (a rollout engine): collects one part per trainer rank for a version; when all parts
   are in, the engine applies them.
-- `ModelRunner.load_weights` (every rank of a rollout engine, upcycle.deploy.runner): copies its
+- `ModelRunner.load_weights` (every rank of a rollout engine, upcycle.deploy.engine.runner): copies its
   slice of each full tensor (`take`) into its model, under its own layout.
 The parts travel as Ray objects: each trainer rank puts its part once and every rollout engine
 reads it (the object store moves the bytes between nodes; on one machine they are shared

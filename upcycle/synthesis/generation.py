@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle.deploy.sampling import SamplingParams
+from upcycle.deploy.engine.sampling import SamplingParams
 from upcycle.platform.chat_data import read_jsonl
 from upcycle.platform.data import DataError
 from upcycle.synthesis.pool import map_groups, refuse_existing, write_jsonl
@@ -84,8 +84,8 @@ class SampleGenerator:
 
     def __init__(self, ckpt: str, runner: dict, spec: dict):
         from upcycle.deploy.app import engine_args
-        from upcycle.deploy.engine import Engine
-        from upcycle.deploy.runner import ModelRunner, RunnerConfig
+        from upcycle.deploy.engine.batching import Engine
+        from upcycle.deploy.engine.runner import ModelRunner, RunnerConfig
 
         rc = RunnerConfig(**runner)
         self.spec = GenerateSpec(**spec)

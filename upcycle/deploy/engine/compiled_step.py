@@ -9,11 +9,12 @@ a CPU, C++/OpenMP loops and oneDNN GEMMs; on a GPU the graph is captured as a CU
 (mode "reduce-overhead").
 
 Decode shapes are what makes a compiled step reusable: the batch is padded to a bucket (1, 2,
-4, 8, ... up to max_num_seqs; padded rows write to a scratch cache slot nobody reads), so each
-bucket is compiled once; on a CPU the attended cache length is the one dynamic size (marked
-so: no recompile as sequences grow), on a GPU the whole cache is attended, masked, so that each
-bucket is one CUDA graph (not run here: no GPU was lent to the session that wrote this). The step index is built from tensors inside the graph
-(`StepIndex.decode`).
+4, 8, ... up to max_num_seqs; padded rows write to a scratch cache block nobody reads) and block
+tables to the longest a sequence can have, so each bucket is compiled once; on a CPU the
+attended cache length is the one dynamic size (marked so: no recompile as sequences grow), on a
+GPU the whole cache is attended, masked, so that each bucket is one CUDA graph (not run here: no
+GPU was lent to the session that wrote this). The step index is built from tensors inside the
+graph (`StepIndex.decode`).
 
 Prefill and mixed steps vary in every size (tokens, sequences, chunk and cache lengths): one
 graph with dynamic shapes covers those of at most `PREFILL_MAX_TOKENS` tokens, its index built
@@ -26,8 +27,8 @@ twice, e.g. one sequence against several).
 Weights stay live unless frozen: the parameters are graph inputs read at every call, not
 constants (inductor's `freezing` folds them in, and would ignore an RLHF weight sync), so an
 in-place load is seen by the next step without a recompile. A failure to compile (no C++
-compiler, an unsupported op) is the caller's to report (upcycle.deploy.runner), which then runs
-eagerly.
+compiler, an unsupported op) is the caller's to report (upcycle.deploy.engine.runner), which
+then runs eagerly.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import torch._inductor.config as inductor_config
 from megatron.core import parallel_state
 from megatron.core import utils as megatron_utils
 
-from upcycle.deploy.kv_cache import StepIndex, StepPlan
+from upcycle.deploy.engine.kv_cache import KVCache, StepIndex, StepPlan
 
 # prefill and mixed steps of at most this many tokens run compiled (module doc)
 PREFILL_MAX_TOKENS = 128
@@ -88,23 +89,26 @@ def buckets(max_num_seqs: int) -> list[int]:
 
 
 class DecodeStep:
-    """`forward(model, tokens, positions, slots, key_positions)` compiled, at padded batch sizes.
+    """`forward(model, tokens, positions, tables, key_positions)` compiled, at padded batch
+    sizes.
 
-    `model` is the runner's `GPTModel` (attention swapped for `CachedAttention`), `rope` its RoPE
-    angle table [max_len, 1, 1, d], `scratch_slot` a cache slot no sequence uses."""
+    `model` is the runner's `GPTModel` (attention swapped for `CachedAttention` over `cache`),
+    `rope` its RoPE angle table [max_len, 1, 1, d]."""
 
     def __init__(
         self,
         model: torch.nn.Module,
         rope: torch.Tensor,
         *,
+        cache: KVCache,
         max_num_seqs: int,
-        scratch_slot: int,
         freeze: bool = False,
         hot: Hot | None = None,
         backend: str | Callable = "inductor",
     ):
-        self.model, self.rope, self.scratch_slot = model, rope, scratch_slot
+        self.model, self.rope, self.block_size = model, rope, cache.block_size
+        self.scratch_block = cache.scratch_block
+        self.width = -(-rope.shape[0] // cache.block_size)  # blocks of a max_model_len sequence
         self.buckets = buckets(max_num_seqs)
         self.hot = hot or Hot(0)
         self.compiled_steps = 0
@@ -126,14 +130,20 @@ class DecodeStep:
         """Whether a decode step of `n` sequences runs compiled (its bucket is hot)."""
         return self.hot(self.bucket(n))
 
-    def __call__(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
+    def __call__(
+        self, tokens: list[int], tables: list[list[int]], positions: list[int]
+    ) -> torch.Tensor:
         """Logits [len(tokens), vocab] (fp32) of one token per sequence."""
         n = len(tokens)
         pad = self.bucket(n) - n
-        step = torch.tensor(
-            [tokens + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad],
-            device=self.device,
-        )  # one host-to-device copy for the three step inputs
+        flat = tokens + [0] * pad + positions + [0] * pad
+        for table in tables:  # padded to the longest table, padded rows all scratch
+            flat += (table + [self.scratch_block] * self.width)[: self.width]
+        flat += [self.scratch_block] * (self.width * pad)
+        step = torch.tensor(flat, device=self.device)  # one host-to-device copy of the inputs
+        b = n + pad
+        tokens_t, positions_t = step[:b], step[b : 2 * b]
+        tables_t = step[2 * b :].view(b, self.width)
         if self.device.type == "cuda":
             # a CUDA graph is recorded per shape: the whole cache, masked, keeps one per bucket
             key_positions = self._key_positions
@@ -141,11 +151,12 @@ class DecodeStep:
             key_positions = self._key_positions[: max(positions) + 1]
             torch._dynamo.maybe_mark_dynamic(key_positions, 0)
         # frozen: weights folded in as constants, the GEMM ones prepacked for oneDNN, only where
-        # they are never loaded again (upcycle.deploy.runner.FREEZE_MAX_BYTES). inductor reads
-        # `freezing` from its global config when it compiles, at the first call of each bucket,
-        # so it is set around the call
+        # they are never loaded again (upcycle.deploy.engine.runner.FREEZE_MAX_BYTES). inductor
+        # reads `freezing` from its global config when it compiles, at the first call of each
+        # bucket, so it is set around the call
         with inductor_config.patch(freezing=self.frozen):
-            logits = self._compiled(self.model, self.rope, step[0], step[1], step[2], key_positions)
+            logits = self._compiled(self.model, self.rope, tokens_t, positions_t, tables_t,
+                                    key_positions, self.block_size)  # fmt: skip
         self.compiled_steps += 1
         return logits[:n]
 
@@ -159,11 +170,13 @@ class PrefillStep:
         model: torch.nn.Module,
         rope: torch.Tensor,
         *,
+        block_size: int,
         freeze: bool = False,
         hot: Hot | None = None,
         backend: str | Callable = "inductor",
     ):
         self.model, self.rope, self.hot = model, rope, hot or Hot(0)
+        self.block_size = block_size
         self.device = rope.device
         self.frozen = freeze and self.device.type == "cpu"
         self.compiled_steps = 0
@@ -175,7 +188,7 @@ class PrefillStep:
 
     def __call__(self, plan: StepPlan) -> torch.Tensor:
         """Logits [sequences, vocab] (fp32) of each sequence's last token in `plan`."""
-        index = StepIndex.of(plan, self.device)
+        index = StepIndex.of(plan, self.block_size, self.device)
         tokens = torch.tensor(plan.tokens, device=self.device)
         with inductor_config.patch(freezing=self.frozen):
             logits = self._compiled(self.model, self.rope, tokens, index)
@@ -199,10 +212,11 @@ def _decode_forward(
     rope: torch.Tensor,
     tokens: torch.Tensor,
     positions: torch.Tensor,
-    slots: torch.Tensor,
+    tables: torch.Tensor,
     key_positions: torch.Tensor,
+    block_size: int,
 ) -> torch.Tensor:
-    index = StepIndex.decode(positions, slots, key_positions)
+    index = StepIndex.decode(positions, tables, key_positions, block_size)
     hidden = model.embedding(input_ids=tokens[None, :], position_ids=positions[None, :])
     hidden = model.decoder(hidden, attention_mask=index, rotary_pos_emb=rope[positions])
     return _logits(model, hidden)

@@ -9,7 +9,7 @@ megatron's TP/EP collectives do the rest and rank 0 gets the full-vocabulary log
 followers are owned by the caller: when a Serve replica dies, Ray takes its followers with it.
 
 Every torch call of a runner must come from one thread (megatron's CPU patches are per thread,
-see upcycle.platform.cpu); `upcycle.deploy.engine` keeps it so.
+see upcycle.platform.cpu); `upcycle.deploy.engine.batching` keeps it so.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from upcycle import runtime
 from upcycle.config import ConfigError, Layout, ModelConfig
 from upcycle.dense.dual_chunk import DualChunk
-from upcycle.deploy import kv_cache, moe_inference
-from upcycle.deploy.compiled_step import DecodeStep, Hot, PrefillStep, step_forward
-from upcycle.deploy.kv_cache import DualChunkRoPE, KVCache, StepIndex, StepPlan
+from upcycle.deploy.engine import kv_cache, moe_inference
+from upcycle.deploy.engine.compiled_step import DecodeStep, Hot, PrefillStep, step_forward
+from upcycle.deploy.engine.kv_cache import DualChunkRoPE, KVCache, StepIndex, StepPlan
 from upcycle.platform.checkpoint import load_checkpoint, read_model_config
 from upcycle.platform.cpu import device_rewrites_paused
 
@@ -48,8 +48,20 @@ class RunnerConfig(BaseModel):
 
     tp: int = Field(default=1, ge=1)
     ep: int = Field(default=1, ge=1)
-    max_num_seqs: int = Field(default=16, ge=1)  # KV cache slots: sequences decoded together
+    max_num_seqs: int = Field(default=16, ge=1)  # sequences decoded together, at most
     max_model_len: int = Field(default=2048, ge=2)  # prompt + completion tokens per sequence
+    # the paged KV cache (upcycle.deploy.engine.blocks): tokens per block, and the pool's size per
+    # rank in GiB; unset, room for max_num_seqs sequences of max_model_len tokens. Sequences
+    # take blocks as they grow; when the pool runs dry the youngest is preempted (recomputed)
+    block_size: int = Field(default=16, ge=1)
+    kv_cache_gib: float | None = Field(default=None, gt=0)
+    # full blocks are shared between sequences with the same prefix (samples of one prompt,
+    # a chat's earlier turns) and kept for later ones until the pool needs them
+    prefix_caching: bool = True
+    # a sequence is admitted when the pool has room for its prompt and this many tokens of its
+    # completion (at most its max_tokens) besides what running ones were promised; past that
+    # it takes blocks as it grows. Larger: fewer preemptions; smaller: more sequences at once
+    reserve_tokens: int = Field(default=256, ge=0)
     max_step_tokens: int = Field(default=512, ge=1)  # prefill tokens per forward (chunks beyond)
     threads: int = Field(default=0, ge=0)  # torch threads per rank; 0 keeps torch's default
     cpus_per_rank: float = Field(default=1.0, gt=0)  # Ray CPUs reserved for each rank
@@ -60,8 +72,8 @@ class RunnerConfig(BaseModel):
     # weights and KV cache; logits and sampling are fp32 either way. auto: bf16 on a GPU, fp32
     # on a CPU (bf16 there is opt-in: fast with AMX, refused without AVX512-BF16/AMX)
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    # decode and small prefill steps through torch.compile (upcycle.deploy.compiled_step). on:
-    # from the first step; auto: a kind of step (a batch size, prefill) once it has run
+    # decode and small prefill steps through torch.compile (upcycle.deploy.engine.compiled_step).
+    # on: from the first step; auto: a kind of step (a batch size, prefill) once it has run
     # AUTO_COMPILE_AFTER times eagerly (one-rank replicas without Dual Chunk Attention, with a
     # GPU or a C++ compiler); off: never
     compile: Literal["auto", "on", "off"] = "auto"
@@ -71,6 +83,16 @@ class RunnerConfig(BaseModel):
         if self.dtype == "bfloat16" or (self.dtype == "auto" and runtime.has_cuda()):
             return torch.bfloat16
         return torch.float32
+
+    def kv_blocks(self, cfg: ModelConfig) -> int:
+        """Blocks in each rank's KV pool for model `cfg`."""
+        per_seq = -(-self.max_model_len // self.block_size)
+        if self.kv_cache_gib is None:
+            return self.max_num_seqs * per_seq
+        kv_heads = max(cfg.num_kv_heads // self.tp, 1)
+        size = torch.tensor([], dtype=self.torch_dtype).element_size()
+        block_bytes = 2 * cfg.num_layers * kv_heads * cfg.head_dim * self.block_size * size
+        return int(self.kv_cache_gib * 2**30 // block_bytes)
 
     def check(self, cfg: ModelConfig) -> None:
         """Raise ConfigError("engine.<field>", ...) if this does not fit model `cfg` or this
@@ -95,6 +117,16 @@ class RunnerConfig(BaseModel):
                 "engine.max_model_len",
                 f"{self.max_model_len} exceeds the model's max_position_embeddings "
                 f"{cfg.max_position_embeddings}; set engine.dual_chunk_length to go beyond it",
+            )
+        per_seq = -(-self.max_model_len // self.block_size)
+        if self.kv_blocks(cfg) < per_seq:
+            raise ConfigError(
+                "engine.kv_cache_gib",
+                f"{self.kv_cache_gib} GiB holds {self.kv_blocks(cfg)} blocks of "
+                f"{self.block_size} tokens; one sequence of max_model_len {self.max_model_len} "
+                f"needs {per_seq}: raise kv_cache_gib to >= "
+                f"{self.kv_cache_gib * per_seq / max(self.kv_blocks(cfg), 1):.3g} or lower "
+                "engine.max_model_len",
             )
         if self.compile == "on" and (self.dual_chunk_length or self.tp * self.ep > 1):
             raise ConfigError(
@@ -135,7 +167,7 @@ class ModelRunner:
     `source` is our checkpoint folder, or a `ModelConfig` for freshly initialised weights (the
     GPU decode benchmark: no multi-GB checkpoint to write first; one rank only). `live_weights`:
     new weights will arrive (`load_weights`, RLHF), so a compiled decode step must read them at
-    every call rather than fold them in (upcycle.deploy.compiled_step).
+    every call rather than fold them in (upcycle.deploy.engine.compiled_step).
     """
 
     def __init__(
@@ -181,11 +213,12 @@ class ModelRunner:
         if self.world == 1:  # under TP/EP the MoE collectives stay megatron's
             moe_inference.install(self.model)
         attn = self.model.decoder.layers[0].self_attention
+        self.num_blocks = rc.kv_blocks(self.cfg)
         self.cache = KVCache(
             self.cfg.num_layers,
-            rc.max_num_seqs + 1,  # the last slot: scratch for a compiled step's padded rows
+            self.num_blocks,
+            rc.block_size,
             attn.num_query_groups_per_partition,
-            rc.max_model_len,
             self.cfg.head_dim,
             dtype,
             runtime.device(),
@@ -210,9 +243,10 @@ class ModelRunner:
 
     def _compile_steps(self, *, freeze: bool) -> None:
         hot = Hot(AUTO_COMPILE_AFTER if self.rc.compile == "auto" else 0)
-        self._decode = DecodeStep(self.model, self._rope, max_num_seqs=self.rc.max_num_seqs,
-                                  scratch_slot=self.rc.max_num_seqs, freeze=freeze, hot=hot)  # fmt: skip
-        self._prefill = PrefillStep(self.model, self._rope, freeze=freeze, hot=hot)
+        self._decode = DecodeStep(self.model, self._rope, cache=self.cache, hot=hot,
+                                  max_num_seqs=self.rc.max_num_seqs, freeze=freeze)  # fmt: skip
+        self._prefill = PrefillStep(self.model, self._rope, block_size=self.rc.block_size,
+                                    freeze=freeze, hot=hot)  # fmt: skip
 
     @property
     def compiled_steps(self) -> int:
@@ -272,6 +306,7 @@ class ModelRunner:
             return self._forward(plan)
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
+        self.cache.copy(plan.copies)
         compiled = self._compiled_step(plan)
         if compiled is not None:
             try:
@@ -285,13 +320,14 @@ class ModelRunner:
                 )
         device = runtime.device()
         tokens = torch.tensor(plan.tokens, device=device)
-        return step_forward(self.model, self._rope, tokens, StepIndex.of(plan, device)).cpu()
+        index = StepIndex.of(plan, self.rc.block_size, device)
+        return step_forward(self.model, self._rope, tokens, index).cpu()
 
     def _compiled_step(self, plan: StepPlan) -> Callable[[], torch.Tensor] | None:
-        """The compiled step that takes `plan`, if one does (upcycle.deploy.compiled_step)."""
-        n = len(plan.slots)
+        """The compiled step that takes `plan`, if any (upcycle.deploy.engine.compiled_step)"""
+        n = len(plan.tables)
         if self._decode is not None and len(plan.tokens) == n and self._decode.takes(n):
-            return functools.partial(self._decode, plan.tokens, plan.slots, plan.offsets)
+            return functools.partial(self._decode, plan.tokens, plan.tables, plan.offsets)
         if self._prefill is not None and self._prefill.takes(plan):
             return functools.partial(self._prefill, plan)
         return None

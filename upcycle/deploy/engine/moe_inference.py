@@ -10,8 +10,8 @@ host syncs stop torch.compile and CUDA graphs from capturing the step.
 stay megatron's): megatron's router gives each token's top-k experts and probabilities, and each
 (token, expert) pair is one matrix-vector product against that expert's weights gathered by
 index: only the selected experts' weights are read, no permutation, no count on the host. Under
-torch.compile (upcycle.deploy.compiled_step) inductor fuses the gather into the product, so the
-gathered weights are never copied. The shared expert is megatron's own module.
+torch.compile (upcycle.deploy.engine.compiled_step) inductor fuses the gather into the product,
+so the gathered weights are never copied. The shared expert is megatron's own module.
 
 The expert weights are re-homed into two stacked tensors ([E, 2f, h] and [E, h, f]) that the
 experts' parameters now view, so an in-place load (checkpoint, RLHF weight sync) updates both.

@@ -1,14 +1,15 @@
 """Continuous batching: requests join the running batch between forwards and leave when done.
 
-`Engine` is the synchronous core (easy to test without a server): each `step()` admits waiting
-requests into free KV-cache slots, builds one `StepPlan` holding one token per decoding sequence
-plus prefill chunks of new prompts (at most `max_step_tokens` in all, so a long prompt never
-stalls the running streams for long), runs one forward, samples, and returns the new text of
-every sequence that produced a token. `AsyncEngine` runs that loop on one thread of its own (all
-torch work of a runner must stay on one thread) and hands each request an async stream.
+`Engine` is the synchronous core (easy to test without a server): each `step()` asks the
+`Scheduler` for one `StepPlan` (one token per decoding sequence plus prefill chunks of new
+prompts, at most `max_step_tokens` in all, so a long prompt never stalls the running streams for
+long; paged KV blocks, prefix sharing and preemption are the scheduler's), runs one forward,
+samples, and returns the new text of every sequence that produced a token. `AsyncEngine` runs
+that loop on one thread of its own (all torch work of a runner must stay on one thread) and
+hands each request an async stream.
 
 Why not megatron-core's engines: its static-batching engine decodes a fixed batch to the end
-(no joining mid-flight) and its dynamic engine needs CUDA (see upcycle.deploy.kv_cache).
+(no joining mid-flight) and its dynamic engine needs CUDA (see upcycle.deploy.engine.kv_cache).
 """
 
 from __future__ import annotations
@@ -17,14 +18,20 @@ import asyncio
 import collections
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from upcycle.deploy.kv_cache import StepPlan
-from upcycle.deploy.sampling import SamplingParams, sample
+from upcycle.deploy.engine.kv_cache import StepPlan
+from upcycle.deploy.engine.sampling import SamplingParams, sample
+from upcycle.deploy.engine.scheduler import Scheduler, Sequence
+
+if TYPE_CHECKING:
+    from upcycle.deploy.engine.metrics import EngineMetrics
 
 
 @dataclass
@@ -38,27 +45,6 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprob: float | None = None  # of this step's token, when the request asked for logprobs
-
-
-@dataclass(eq=False)
-class _Sequence:
-    request_id: str
-    prompt: list[int]
-    params: SamplingParams
-    generator: torch.Generator
-    slot: int = -1
-    generated: list[int] = field(default_factory=list)
-    cached: int = 0  # tokens whose keys/values are in the cache
-    text: str = ""  # text sent so far
-    finish_reason: str | None = None
-    # the first `settled` generated tokens decode to `settled_text`, which ends on a character
-    # boundary: later tokens' bytes cannot change it, so only the rest is decoded each step
-    settled: int = 0
-    settled_text: str = ""
-
-    @property
-    def ids(self) -> list[int]:
-        return self.prompt + self.generated
 
 
 def check_request(
@@ -83,7 +69,12 @@ def check_request(
 
 
 class Engine:
-    """The scheduler around a forward function (`ModelRunner.forward`)."""
+    """The scheduler around a forward function (`ModelRunner.forward`). `num_blocks` and
+    `block_size` describe the runner's KV pool (`RunnerConfig.kv_blocks`; unset, room for
+    `max_num_seqs` sequences of `max_model_len`); `reserve_tokens`: room in the pool for this
+    many completion tokens of a sequence (at most its max_tokens) is kept from its admission
+    (upcycle.deploy.engine.scheduler); `metrics` (upcycle.deploy.engine.metrics) is told of
+    every step and token."""
 
     def __init__(
         self,
@@ -95,14 +86,34 @@ class Engine:
         eos_ids: tuple[int, ...],
         vocab_limit: int,
         decode: Callable[[list[int]], str],
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        prefix_caching: bool = True,
+        reserve_tokens: int = 256,
+        metrics: EngineMetrics | None = None,
     ):
         self.forward = forward
-        self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
-        self.max_step_tokens = max_step_tokens
+        self.max_model_len = max_model_len
         self.eos_ids, self.vocab_limit, self.decode = set(eos_ids), vocab_limit, decode
-        self.waiting: collections.deque[_Sequence] = collections.deque()
-        self.running: list[_Sequence] = []
-        self.free_slots = list(range(max_num_seqs))[::-1]
+        if num_blocks is None:
+            num_blocks = max_num_seqs * -(-max_model_len // block_size)
+        self.scheduler = Scheduler(
+            max_num_seqs=max_num_seqs,
+            max_step_tokens=max_step_tokens,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            prefix_caching=prefix_caching,
+            reserve_tokens=reserve_tokens,
+        )
+        self.metrics = metrics
+
+    @property
+    def waiting(self) -> collections.deque[Sequence]:
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
 
     def check(self, prompt: list[int], params: SamplingParams) -> None:
         check_request(
@@ -111,16 +122,12 @@ class Engine:
 
     def add(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         self.check(prompt, params)
-        seq = _Sequence(request_id or uuid.uuid4().hex, list(prompt), params, params.generator())
+        seq = Sequence(request_id or uuid.uuid4().hex, list(prompt), params, params.generator())
         self.waiting.append(seq)
         return seq.request_id
 
     def abort(self, request_id: str) -> None:
-        self.waiting = collections.deque(s for s in self.waiting if s.request_id != request_id)
-        for seq in self.running:
-            if seq.request_id == request_id:
-                seq.finish_reason = "abort"
-        self._release()
+        self.scheduler.abort(request_id)
 
     @property
     def has_work(self) -> bool:
@@ -128,15 +135,17 @@ class Engine:
 
     def step(self) -> list[Output]:
         """One forward over the running batch; the outputs of the sequences that advanced."""
-        while self.waiting and self.free_slots:
-            seq = self.waiting.popleft()
-            seq.slot = self.free_slots.pop()
-            self.running.append(seq)
-        plan, fed = self._plan()
-        if not fed:
-            return []
+        plan, fed = self.scheduler.schedule()
+        outputs = self._run(plan, fed) if fed else []
+        self.scheduler.release_finished()
+        if self.metrics is not None:
+            self.metrics.step(self.scheduler)
+        return outputs
+
+    def _run(self, plan: StepPlan, fed: list[Sequence]) -> list[Output]:
         # ids past the tokenizer's vocabulary (embedding padding) are never sampled
         logits = self.forward(plan)[:, : self.vocab_limit]
+        self.scheduler.computed(fed)
         ready = [(i, s) for i, s in enumerate(fed) if s.cached == len(s.ids)]
         if len(ready) < len(fed):  # sequences mid-prefill have nothing to sample yet
             logits = logits[[i for i, _ in ready]]
@@ -145,30 +154,13 @@ class Engine:
         for row, ((_, seq), out) in enumerate(zip(ready, outputs, strict=True)):
             if seq.params.logprobs:  # the model's own distribution, whatever the sampling
                 out.logprob = torch.log_softmax(logits[row], -1)[out.token_ids[0]].item()
-        self._release()
         return outputs
 
-    def _plan(self) -> tuple[StepPlan, list[_Sequence]]:
-        decoding = [s for s in self.running if len(s.ids) - s.cached == 1]
-        prefilling = [s for s in self.running if len(s.ids) - s.cached > 1]
-        budget = max(self.max_step_tokens - len(decoding), 1 if not decoding else 0)
-        tokens, slots, offsets, lengths, fed = [], [], [], [], []
-        for seq in decoding + prefilling:
-            n = len(seq.ids) - seq.cached
-            if seq in prefilling:
-                n = min(n, budget)
-                budget -= n
-                if n == 0:
-                    continue
-            tokens += seq.ids[seq.cached : seq.cached + n]
-            slots.append(seq.slot)
-            offsets.append(seq.cached)
-            lengths.append(n)
-            seq.cached += n
-            fed.append(seq)
-        return StepPlan(tokens, slots, offsets, lengths), fed
-
-    def _advance(self, seq: _Sequence, token: int) -> Output:
+    def _advance(self, seq: Sequence, token: int) -> Output:
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.token(seq, now)
+        seq.last_token_at = now
         seq.generated.append(token)
         p = seq.params
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
@@ -187,6 +179,8 @@ class Engine:
                 seq.finish_reason = "length"
             else:
                 text = text[: len(text) - _held_back(text, p.stop)]
+        if seq.finish_reason is not None and self.metrics is not None:
+            self.metrics.finished(seq, now)
         new, seq.text = text[len(seq.text) :], text
         return Output(
             seq.request_id,
@@ -196,12 +190,6 @@ class Engine:
             prompt_tokens=len(seq.prompt),
             completion_tokens=len(seq.generated),
         )
-
-    def _release(self) -> None:
-        for seq in self.running:
-            if seq.finish_reason is not None:
-                self.free_slots.append(seq.slot)
-        self.running = [s for s in self.running if s.finish_reason is None]
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

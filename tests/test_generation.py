@@ -163,6 +163,21 @@ def test_sampling_follows_temperature_top_k_and_top_p():
     assert set(_draws(SamplingParams(temperature=0.0), n=50).tolist()) == {0}
 
 
+def test_whole_vocabulary_draws_follow_the_softmax_across_blocks():
+    """A 2,500-token vocabulary (two 1,024-token blocks and a tail) with the mass in 8 tokens
+    spread over all three: 8,000 draws (rows of one batch, each its own generator) match
+    softmax(logits / T) within ~5 sigma, and a token with no mass is never drawn."""
+    logits = torch.full((2500,), -1e4)
+    hot = torch.tensor([3, 1000, 1023, 1024, 1500, 2047, 2048, 2499])
+    logits[hot] = torch.linspace(0.0, 1.4, 8)
+    params = [SamplingParams(temperature=0.8, seed=s) for s in range(8000)]
+    drawn = sample(logits.expand(8000, -1), params, [p.generator() for p in params])
+    counts = torch.bincount(torch.tensor(drawn), minlength=2500)
+    assert counts.sum() == counts[hot].sum()
+    expected = torch.softmax(logits[hot] / 0.8, -1) * 8000
+    assert (counts[hot] - expected).abs().max() < 5 * expected.sqrt().max()
+
+
 def test_seeded_sampling_repeats_and_other_seeds_differ(model):
     _, ckpt = model
     prompt = _prompts([8], seed=9)[0]

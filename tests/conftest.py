@@ -129,5 +129,7 @@ def slot_tables(slots: list[int], max_model_len: int, block_size: int = 16) -> l
     """Block tables giving sequence "slot" s the blocks of a whole max_model_len sequence of its
     own (the pool a runner has by default: max_num_seqs such runs), for tests that feed
     `StepPlan`s by hand."""
-    per = -(-max_model_len // block_size)
+    from upcycle.deploy.engine.blocks import blocks_for
+
+    per = blocks_for(max_model_len, block_size)
     return [list(range(s * per, (s + 1) * per)) for s in slots]

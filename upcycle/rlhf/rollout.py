@@ -86,6 +86,7 @@ class RolloutEngine:
         token, computed the way serving computes them: a prefill of all but the last token into
         KV-cache blocks of the engine's pool, then one decode step (the compiled one, where it is
         on)."""
+        from upcycle.deploy.engine.blocks import blocks_for
         from upcycle.deploy.engine.kv_cache import StepPlan
 
         if self.engine.has_work:
@@ -94,7 +95,7 @@ class RolloutEngine:
             raise ValueError("probe: every sequence needs >= 2 tokens (a prefill and a decode)")
         pool = self.engine.scheduler.pool
         tables = [
-            [pool.allocate() for _ in range(-(-len(s) // pool.block_size))] for s in sequences
+            [pool.allocate() for _ in range(blocks_for(len(s), pool.block_size))] for s in sequences
         ]
         try:
             heads = [s[:-1] for s in sequences]

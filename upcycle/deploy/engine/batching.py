@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from upcycle.deploy.engine.blocks import default_blocks
 from upcycle.deploy.engine.kv_cache import StepPlan
 from upcycle.deploy.engine.sampling import SamplingParams, sample
 from upcycle.deploy.engine.scheduler import Scheduler, Sequence
@@ -96,7 +97,7 @@ class Engine:
         self.max_model_len = max_model_len
         self.eos_ids, self.vocab_limit, self.decode = set(eos_ids), vocab_limit, decode
         if num_blocks is None:
-            num_blocks = max_num_seqs * -(-max_model_len // block_size)
+            num_blocks = default_blocks(max_num_seqs, max_model_len, block_size)
         self.scheduler = Scheduler(
             max_num_seqs=max_num_seqs,
             max_step_tokens=max_step_tokens,
@@ -146,7 +147,7 @@ class Engine:
         # ids past the tokenizer's vocabulary (embedding padding) are never sampled
         logits = self.forward(plan)[:, : self.vocab_limit]
         self.scheduler.computed(fed)
-        ready = [(i, s) for i, s in enumerate(fed) if s.cached == len(s.ids)]
+        ready = [(i, s) for i, s in enumerate(fed) if s.cached == s.length]
         if len(ready) < len(fed):  # sequences mid-prefill have nothing to sample yet
             logits = logits[[i for i, _ in ready]]
         tokens = sample(logits, [s.params for _, s in ready], [s.generator for _, s in ready])
@@ -175,7 +176,7 @@ class Engine:
         if cut is not None:
             text, seq.finish_reason = text[:cut], "stop"
         elif seq.finish_reason is None:
-            if len(seq.generated) >= p.max_tokens or len(seq.ids) >= self.max_model_len:
+            if len(seq.generated) >= p.max_tokens or seq.length >= self.max_model_len:
                 seq.finish_reason = "length"
             else:
                 text = text[: len(text) - _held_back(text, p.stop)]

@@ -27,6 +27,17 @@ def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:
     return h.digest()
 
 
+def blocks_for(tokens: int, block_size: int) -> int:
+    """Blocks that hold `tokens` tokens."""
+    return -(-tokens // block_size)
+
+
+def default_blocks(max_num_seqs: int, max_model_len: int, block_size: int) -> int:
+    """A pool with room for `max_num_seqs` sequences of `max_model_len` tokens (what the slot
+    cache this pool replaced held): the size when none is asked for."""
+    return max_num_seqs * blocks_for(max_model_len, block_size)
+
+
 class PoolExhausted(Exception):
     """No free or evictable block is left: the scheduler preempts a sequence."""
 

@@ -44,6 +44,7 @@ import torch._inductor.config as inductor_config
 from megatron.core import parallel_state
 from megatron.core import utils as megatron_utils
 
+from upcycle.deploy.engine.blocks import blocks_for
 from upcycle.deploy.engine.kv_cache import KVCache, StepIndex, StepPlan
 
 # prefill and mixed steps of at most this many tokens run compiled (module doc)
@@ -108,7 +109,7 @@ class DecodeStep:
     ):
         self.model, self.rope, self.block_size = model, rope, cache.block_size
         self.scratch_block = cache.scratch_block
-        self.width = -(-rope.shape[0] // cache.block_size)  # blocks of a max_model_len sequence
+        self.width = blocks_for(rope.shape[0], cache.block_size)  # of a max_model_len sequence
         self.buckets = buckets(max_num_seqs)
         self.hot = hot or Hot(0)
         self.compiled_steps = 0

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
 from upcycle.dense.dual_chunk import DualChunk
+from upcycle.deploy.engine.blocks import blocks_for
 
 
 @dataclass
@@ -96,7 +97,9 @@ class StepIndex:
         single = [i for i, n in enumerate(plan.lengths) if n == 1]
         if 0 < len(single) < len(plan.lengths):
             chunks = [i for i, n in enumerate(plan.lengths) if n > 1]
-            tables = torch.tensor(_padded(plan.tables, -(-int(positions.max() + 1) // block_size)))
+            tables = torch.tensor(
+                _padded(plan.tables, blocks_for(int(positions.max()) + 1, block_size))
+            )
             return StepIndex(
                 positions=positions.to(device),
                 write_at=rows_of(tables[seg], positions, block_size).to(device),
@@ -110,7 +113,7 @@ class StepIndex:
         q_pos = torch.tensor(plan.offsets)[:, None] + torch.arange(max_len)[None, :]
         q_pos = torch.minimum(q_pos, (ends - 1)[:, None])
         kv_len = int(ends.max())
-        tables = torch.tensor(_padded(plan.tables, -(-kv_len // block_size)))
+        tables = torch.tensor(_padded(plan.tables, blocks_for(kv_len, block_size)))
         key_pos = torch.arange(kv_len)
         return StepIndex(
             positions=positions.to(device),

@@ -34,6 +34,7 @@ from upcycle import runtime
 from upcycle.config import ConfigError, Layout, ModelConfig
 from upcycle.dense.dual_chunk import DualChunk
 from upcycle.deploy.engine import kv_cache, moe_inference
+from upcycle.deploy.engine.blocks import blocks_for, default_blocks
 from upcycle.deploy.engine.compiled_step import DecodeStep, Hot, PrefillStep, step_forward
 from upcycle.deploy.engine.kv_cache import DualChunkRoPE, KVCache, StepIndex, StepPlan
 from upcycle.platform.checkpoint import load_checkpoint, read_model_config
@@ -86,9 +87,8 @@ class RunnerConfig(BaseModel):
 
     def kv_blocks(self, cfg: ModelConfig) -> int:
         """Blocks in each rank's KV pool for model `cfg`."""
-        per_seq = -(-self.max_model_len // self.block_size)
         if self.kv_cache_gib is None:
-            return self.max_num_seqs * per_seq
+            return default_blocks(self.max_num_seqs, self.max_model_len, self.block_size)
         kv_heads = max(cfg.num_kv_heads // self.tp, 1)
         size = torch.tensor([], dtype=self.torch_dtype).element_size()
         block_bytes = 2 * cfg.num_layers * kv_heads * cfg.head_dim * self.block_size * size
@@ -118,7 +118,7 @@ class RunnerConfig(BaseModel):
                 f"{self.max_model_len} exceeds the model's max_position_embeddings "
                 f"{cfg.max_position_embeddings}; set engine.dual_chunk_length to go beyond it",
             )
-        per_seq = -(-self.max_model_len // self.block_size)
+        per_seq = blocks_for(self.max_model_len, self.block_size)
         if self.kv_blocks(cfg) < per_seq:
             raise ConfigError(
                 "engine.kv_cache_gib",

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from upcycle.deploy.engine.blocks import BlockPool, PoolExhausted, block_hash
+from upcycle.deploy.engine.blocks import BlockPool, PoolExhausted, block_hash, blocks_for
 from upcycle.deploy.engine.kv_cache import StepPlan
 from upcycle.deploy.engine.sampling import SamplingParams
 
@@ -52,9 +52,14 @@ class Sequence:
     def ids(self) -> list[int]:
         return self.prompt + self.generated
 
+    @property
+    def length(self) -> int:
+        """len(ids), without building them (read several times a step for every sequence)."""
+        return len(self.prompt) + len(self.generated)
+
     def key_of(self, block: int, block_size: int) -> bytes:
         """The prefix hash of its full block `block` (computed once, chained)."""
-        ids = self.ids
+        ids = self.ids if len(self.keys) <= block else []
         while len(self.keys) <= block:
             i = len(self.keys)
             parent = self.keys[-1] if self.keys else None
@@ -104,14 +109,14 @@ class Scheduler:
         """The next step's plan and the sequences it feeds, in plan order."""
         copies: list[tuple[int, int]] = []
         self._admit(copies)
-        decoding = [s for s in self.running if len(s.ids) - s.cached == 1]
-        prefilling = [s for s in self.running if len(s.ids) - s.cached > 1]
+        decoding = [s for s in self.running if s.length - s.cached == 1]
+        prefilling = [s for s in self.running if s.length - s.cached > 1]
         budget = max(self.max_step_tokens - len(decoding), 1 if not decoding else 0)
         tokens, tables, offsets, lengths, fed = [], [], [], [], []
         for seq in decoding + prefilling:
             if seq not in self.running:  # preempted for an older sequence's blocks
                 continue
-            n = len(seq.ids) - seq.cached
+            n = seq.length - seq.cached
             prefill = n > 1
             if prefill:
                 n = min(n, budget)
@@ -174,7 +179,7 @@ class Scheduler:
         blocks = self.pool.match(keys)
         cached = len(blocks) * bs
         reserve = min(seq.params.max_tokens - len(seq.generated), self.reserve_tokens)
-        promised = -(-(len(ids) + max(reserve, 1)) // bs)
+        promised = blocks_for(len(ids) + max(reserve, 1), bs)
         need = promised - len(blocks)
         if cached == len(ids):  # all cached: the last token is computed again for its logits,
             need += 1  # in a private copy of the last block (which it writes to)

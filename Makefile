@@ -10,7 +10,7 @@ demo: setup
 	.venv/bin/upcycle pipeline
 
 test:
-	.venv/bin/python -m pytest -q -p no:warnings
+	.venv/bin/python -m pytest -q -p no:warnings --durations=20
 
 lint:
 	.venv/bin/ruff check .

@@ -2,10 +2,10 @@
 
     python3 bench/gpu_train_step.py [--preset moe-a1b] [--batch 4] [--seq 2048] [--steps 5]
 
-Built exactly as `upcycle train` builds a rank (upcycle.platform.step): megatron-core GPTModel with
+Built exactly as `upcycle train` builds a rank (upcycle.training.step): megatron-core GPTModel with
 its native (non-Transformer-Engine) layers, DDP, the distributed optimizer, the forward-backward
 schedule. Only torch and megatron-core are needed (bench/gpu_check.sh carries megatron-core).
-MFU is model FLOPs (upcycle.platform.metrics.train_flops_per_token) over the GPU's dense bf16
+MFU is model FLOPs (upcycle.platform.flops.train_flops_per_token) over the GPU's dense bf16
 peak. On a machine without CUDA it runs the same code in fp32 (use a tiny preset there).
 """
 
@@ -28,12 +28,12 @@ from upcycle.config import ModelConfig, from_name  # noqa: E402
 from upcycle.dense.megatron_config import to_transformer_config  # noqa: E402
 from upcycle.moe.model import build_on_meta  # noqa: E402
 from upcycle.moe.params import count_parameters  # noqa: E402
-from upcycle.platform.data import Batch  # noqa: E402
 from upcycle.platform.distributed import single_process  # noqa: E402
-from upcycle.platform.metrics import peak_flops, train_flops_per_token  # noqa: E402
-from upcycle.platform.objectives import lm_step  # noqa: E402
-from upcycle.platform.step import build_chunks, build_optimizer, param_dtype  # noqa: E402
+from upcycle.platform.flops import peak_flops, train_flops_per_token  # noqa: E402
 from upcycle.train_config import TrainConfig  # noqa: E402
+from upcycle.training.data import Batch  # noqa: E402
+from upcycle.training.objectives import lm_step  # noqa: E402
+from upcycle.training.step import build_chunks, build_optimizer, param_dtype  # noqa: E402
 
 # Qwen2-MoE shaped, ~1.1B active / 2.6B total parameters: fits one 80 GB GPU with Adam.
 MOE_A1B = ModelConfig(

@@ -38,10 +38,10 @@ from upcycle.moe.params import count_parameters  # noqa: E402
 from upcycle.platform.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from upcycle.platform.distributed import single_process  # noqa: E402
 from upcycle.platform.tracking import spooled_metrics  # noqa: E402
-from upcycle.platform.training import LocalSink  # noqa: E402
 from upcycle.rlhf.driver import run_local  # noqa: E402
 from upcycle.rlhf.spec import RlhfJob, RolloutConfig  # noqa: E402
 from upcycle.train_config import TrainConfig  # noqa: E402
+from upcycle.training.loop import LocalSink  # noqa: E402
 
 PROMPTS = Path(__file__).parents[1] / "examples" / "arithmetic-prompts.jsonl"
 PARTS = ("rollout/seconds", "score/seconds", "train/step_time_s", "sync/seconds")

@@ -43,12 +43,12 @@ from upcycle.dense.attention import SDPAttention  # noqa: E402
 from upcycle.dense.megatron_config import to_transformer_config  # noqa: E402
 from upcycle.moe.experts import FusedSequentialMLP  # noqa: E402
 from upcycle.moe.model import build_model  # noqa: E402
-from upcycle.platform.data import Batch  # noqa: E402
 from upcycle.platform.distributed import single_process  # noqa: E402
-from upcycle.platform.metrics import train_flops_per_token  # noqa: E402
-from upcycle.platform.objectives import lm_step  # noqa: E402
-from upcycle.platform.step import build_chunks, build_optimizer  # noqa: E402
+from upcycle.platform.flops import train_flops_per_token  # noqa: E402
 from upcycle.train_config import TrainConfig  # noqa: E402
+from upcycle.training.data import Batch  # noqa: E402
+from upcycle.training.objectives import lm_step  # noqa: E402
+from upcycle.training.step import build_chunks, build_optimizer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -93,7 +93,7 @@ def _bf16_optimizer() -> None:
 
     from upcycle.config import Layout, from_name
     from upcycle.dense.megatron_config import to_transformer_config
-    from upcycle.platform.step import build_chunks
+    from upcycle.training.step import build_chunks
 
     cfg = from_name("tiny-dense").replace(vocab_size=128, num_layers=1)
     tconfig = to_transformer_config(cfg, params_dtype=torch.bfloat16)

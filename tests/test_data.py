@@ -13,7 +13,7 @@ from upcycle.atomic import IntegrityError
 from upcycle.config import ConfigError
 from upcycle.dense.tokenizer import get_tokenizer
 from upcycle.jobs.prepare import demo_corpus, prepare
-from upcycle.platform.data import DataError, StepBatches, TokenDataset, TokenWindows
+from upcycle.training.data import DataError, StepBatches, TokenDataset, TokenWindows
 
 DOCS = ["def add(a, b):\n    return a + b\n", "Hello world", "数据并行 and pipelines"]
 

@@ -21,7 +21,7 @@ from upcycle.dense.attention import SDPAttention
 from upcycle.dense.megatron_config import to_transformer_config
 from upcycle.moe.experts import EXPERTS_PER_GEMM, ROW_QUANTUM, FusedSequentialMLP, GroupPlan
 from upcycle.moe.model import build_model
-from upcycle.platform.data import Batch
+from upcycle.training.data import Batch
 
 
 def _attention_pair():

@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 
 from upcycle.config import from_name
-from upcycle.platform.job import TrainJob
 from upcycle.platform.plan import GIB, Workload, memory
+from upcycle.training.job import TrainJob
 
 MANIFEST = Path(__file__).parents[1] / "examples" / "kuberay" / "rayjob-train.yaml"
 

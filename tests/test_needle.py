@@ -14,8 +14,8 @@ from upcycle.jobs.evaluate import run
 from upcycle.jobs.needle import NeedleResult, NeedleSpec, Trial, build_prompt
 from upcycle.moe.model import build_model
 from upcycle.platform.checkpoint import save_checkpoint
-from upcycle.platform.data import TokenDataset
 from upcycle.platform.distributed import single_process
+from upcycle.training.data import TokenDataset
 
 
 def test_prompt_has_the_length_and_the_needle_at_its_depth(corpus):

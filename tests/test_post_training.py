@@ -17,15 +17,15 @@ from upcycle.config import ConfigError, Layout, from_name
 from upcycle.conversion.hf_interop import transformers_twin
 from upcycle.dense.tokenizer import chat_text, get_tokenizer
 from upcycle.moe.model import build_model
-from upcycle.platform.chat_data import PackedConversations, PreferencePairs
 from upcycle.platform.checkpoint import save_checkpoint
-from upcycle.platform.data import DataError
 from upcycle.platform.distributed import single_process
-from upcycle.platform.job import TrainJob
-from upcycle.platform.objectives import lm_step
-from upcycle.platform.ray_train import fit
 from upcycle.platform.tracking import spooled_metrics
 from upcycle.train_config import DpoConfig, TrainConfig
+from upcycle.training.chat_data import PackedConversations, PreferencePairs
+from upcycle.training.data import DataError
+from upcycle.training.job import TrainJob
+from upcycle.training.objectives import lm_step
+from upcycle.training.ray_train import fit
 
 CFG = from_name("tiny-dense")
 

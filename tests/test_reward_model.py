@@ -24,13 +24,13 @@ from upcycle.dense.hf_weights import CheckpointError
 from upcycle.dense.tokenizer import get_tokenizer
 from upcycle.moe.model import build_model
 from upcycle.platform.checkpoint import load_checkpoint, read_model_config, save_checkpoint
-from upcycle.platform.data import DataError
 from upcycle.platform.distributed import single_process
-from upcycle.platform.job import TrainJob
-from upcycle.platform.ray_train import fit
 from upcycle.platform.tracking import spooled_metrics
 from upcycle.synthesis.scoring import read_scorable, score_sequences, sequences
 from upcycle.train_config import TrainConfig
+from upcycle.training.data import DataError
+from upcycle.training.job import TrainJob
+from upcycle.training.ray_train import fit
 
 DENSE = from_name("tiny-dense")
 
@@ -263,7 +263,8 @@ def test_reward_score_then_best_of_n_rejection(ray_cluster, tmp_path):
 
     from upcycle.jobs.cli import app
 
-    _checkpoint(tmp_path / "rm", DENSE.as_reward_model(), seed=3)
+    # a 64-token context: the default --max-length (1024) fits itself to it, and says so once
+    _checkpoint(tmp_path / "rm", DENSE.replace(max_position_embeddings=64).as_reward_model(), 3)
     generated = tmp_path / "generated.jsonl"
     records = [
         {"prompt": q, "samples": [{"text": a}, {"text": "Hm."}, {"text": FACTS[(i + 1) % 8][1]}]}
@@ -273,9 +274,10 @@ def test_reward_score_then_best_of_n_rejection(ray_cluster, tmp_path):
     runner = CliRunner()
     scored = tmp_path / "scored.jsonl"
     result = runner.invoke(app, ["reward", "score", str(tmp_path / "rm"), str(generated),
-                                 str(scored), "--max-length", "64"])  # fmt: skip
+                                 str(scored)])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "3 records" in result.output
+    assert result.output.count("max_length: 64, the model's context") == 1
     out = [json.loads(line) for line in scored.read_text().splitlines()]
     model = _loaded(tmp_path / "rm")
     for record, original in zip(out, records, strict=True):

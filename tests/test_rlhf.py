@@ -26,12 +26,12 @@ from upcycle.moe.model import build_model
 from upcycle.platform.checkpoint import load_checkpoint, read_model_config, save_checkpoint
 from upcycle.platform.distributed import single_process
 from upcycle.platform.tracking import spooled_metrics
-from upcycle.platform.training import LocalSink
 from upcycle.rlhf.batches import micro_batches
 from upcycle.rlhf.driver import run_local
 from upcycle.rlhf.objectives import grpo_advantages, grpo_loss, online_dpo_loss
 from upcycle.rlhf.spec import RlhfJob, RolloutConfig
 from upcycle.train_config import TrainConfig
+from upcycle.training.loop import LocalSink
 
 DIGITS = from_name("tiny-dense").replace(name="digits", vocab_size=32, max_position_embeddings=64)
 DIGITS_MOE = from_name("tiny-moe").replace(name="digits-moe", vocab_size=32,

@@ -204,6 +204,7 @@ def test_sse_wire_format_ends_with_done(server):
 
 BAD = [
     ("{not json", 400, None),
+    (b'{"model": "tiny-moe", "prompt": "\xff\xfe"}', 400, None),  # not UTF-8
     ('["a list"]', 400, None),
     ('{"prompt": "x"}', 400, "model"),
     ('{"model": "tiny-moe"}', 400, "prompt"),
@@ -231,6 +232,13 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
     assert error["type"] == "invalid_request_error" and error["message"]
     if param:
         assert error["param"] == param, error
+
+
+def test_unknown_paths_and_methods_get_openai_errors(server):
+    for r in (requests.post(f"{server}/v1/embeddings", json={}, timeout=60),
+              requests.get(f"{server}/v1/completions", timeout=60)):  # fmt: skip
+        assert r.status_code in (404, 405)
+        assert r.json()["error"]["type"] == "invalid_request_error", r.text
 
 
 def test_openapi_document_lists_every_status_the_server_answers(server):

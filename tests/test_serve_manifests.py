@@ -68,3 +68,21 @@ def test_engine_layout_is_checked_against_the_model():
     spec = ServeSpec.parse({"model": "m", "engine": {"max_model_len": 4096}})
     with pytest.raises(ConfigError, match="^engine.max_model_len"):
         spec.engine.check(from_name("tiny-moe"))
+
+
+def test_default_context_fits_a_short_context_model():
+    """engine.max_model_len left at its default fits a model with a shorter context (and a value
+    someone set is kept, to be refused by the check)."""
+    short = from_name("tiny-moe").replace(max_position_embeddings=512)
+    fitted = ServeSpec.parse({"model": "m"}).engine.fit_context(short)
+    assert fitted.max_model_len == 512
+    fitted.check(short)
+    assert ServeSpec.parse({"model": "m"}).engine.fit_context(from_name("qwen2-7b")) == (
+        ServeSpec.parse({"model": "m"}).engine
+    )  # 2048 fits 32k: unchanged
+    unset = ServeSpec.parse({"model": "m"}).engine  # `upcycle generate`'s default is 1024
+    assert unset.fit_context(from_name("qwen2-7b"), default=1024).max_model_len == 1024
+    assert unset.fit_context(short, default=1024).max_model_len == 512
+    asked = ServeSpec.parse({"model": "m", "engine": {"max_model_len": 2048}}).engine
+    with pytest.raises(ConfigError, match="^engine.max_model_len: 2048 exceeds"):
+        asked.fit_context(short).check(short)

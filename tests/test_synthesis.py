@@ -11,11 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from upcycle.jobs.cli import app
-from upcycle.platform.chat_data import PackedConversations, PreferencePairs
-from upcycle.platform.data import DataError
 from upcycle.synthesis import humaneval
 from upcycle.synthesis.rejection import read_generated, reject
 from upcycle.synthesis.verifiers import final_answer, verify_exact
+from upcycle.training.chat_data import PackedConversations, PreferencePairs
+from upcycle.training.data import DataError
 
 
 @pytest.mark.parametrize(

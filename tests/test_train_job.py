@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 from upcycle import runtime
 from upcycle.config import ConfigError, Layout, from_name
 from upcycle.jobs.cli import app
-from upcycle.platform.job import TrainJob
-from upcycle.platform.ray_train import fit
 from upcycle.runtime import MissingDependencyError
 from upcycle.train_config import TrainConfig
+from upcycle.training.job import TrainJob
+from upcycle.training.ray_train import fit
 
 
 @pytest.fixture

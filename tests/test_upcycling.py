@@ -228,9 +228,9 @@ def test_continued_training_starts_at_the_dense_loss_and_lowers_it(corpus, tmp_p
 
     from upcycle.config import Layout
     from upcycle.jobs.convert import convert
-    from upcycle.platform.job import TrainJob
-    from upcycle.platform.ray_train import fit
     from upcycle.platform.tracking import spooled_metrics
+    from upcycle.training.job import TrainJob
+    from upcycle.training.ray_train import fit
 
     moe_cfg = MOE.replace(
         moe_ffn_hidden_size=256, shared_expert_ffn_hidden_size=0, norm_topk_prob=True

@@ -16,10 +16,10 @@ from upcycle.config import Layout, from_name
 from upcycle.moe.model import build_model
 from upcycle.platform.checkpoint import save_checkpoint
 from upcycle.platform.distributed import single_process
-from upcycle.platform.job import TrainJob
 from upcycle.platform.tracking import spooled_metrics
-from upcycle.platform.training import LocalSink, train
 from upcycle.train_config import TrainConfig
+from upcycle.training.job import TrainJob
+from upcycle.training.loop import LocalSink, train
 
 RTOL = 1e-5
 STEPS = 5

@@ -7,10 +7,11 @@ import warnings
 # expected without a GPU and said once in the README. Filtered here, before any upcycle module
 # imports megatron-core (Ray workers import `upcycle` first when they unpickle our functions).
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed")
-# ... and logs at INFO (shown by Ray Train workers, once per worker and stage) that Megatron-FSDP,
-# which upcycle does not use, runs without Transformer Engine
-_FSDP_LOG = "megatron.core.distributed.fsdp.src.megatron_fsdp.mixed_precision"
-logging.getLogger(_FSDP_LOG).setLevel(logging.WARNING)
+# ... and logs at INFO what only its developers read: every parameter of every DDP bucket, each
+# optimizer's whole config, Megatron-FSDP (unused here) being detected. Ray Train workers set the
+# root logger to INFO and show it all, once per worker and stage (~400 lines of a demo).
+# Warnings and errors still show.
+logging.getLogger("megatron.core").setLevel(logging.WARNING)
 # torch 2.13 deprecates APIs that megatron-core 0.16.1's distributed checkpointing and
 # all-gathers still call (`load_state_dict`, ShardedTensor, all_gather_into_tensor): nothing a
 # user can act on, and each Ray worker of each stage printed them again.

@@ -333,6 +333,20 @@ class Layout:
         return section_from_dict(cls, data, prefix)
 
 
+def check_spec_fields(cls, data: Any, what: str, required: tuple[str, ...]) -> None:
+    """A job spec's top level (`what`: "job", "rlhf"): a mapping of `cls`'s fields holding every
+    `required` one; errors name the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(what, f"must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown field; valid fields: {sorted(names)}")
+    for name in required:
+        if name not in data:
+            raise ConfigError(name, "missing; it has no default")
+
+
 def section_from_dict(cls, data: dict[str, Any], prefix: str):
     """Build a config dataclass from a mapping; errors name `prefix.field`."""
     if not isinstance(data, dict):

@@ -33,6 +33,8 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     save_interval: int = 0  # 0: only at the end
+    expert_load_interval: int = 50  # MoE: layers x experts token matrix artifact; 0: at the end
+    log_interval: int = 0  # a console line every N steps; 0: about ten a job (MLflow: every step)
     stop_at_step: int = 0  # 0: run all `steps`
     token_dispatcher: str = "alltoall"
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
@@ -45,7 +47,10 @@ class TrainConfig:
         for name in ("steps", "seq_length", "threads_per_worker"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_interval", "stop_at_step", "clip_grad", "min_lr"):
+        for name in (
+            "warmup_steps", "save_interval", "expert_load_interval", "log_interval",
+            "stop_at_step", "clip_grad", "min_lr",
+        ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr > self.lr:

@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 
 from upcycle import runtime
 from upcycle.config import ModelConfig
@@ -49,6 +50,19 @@ http = FastAPI(title="upcycle", description="OpenAI-compatible API over upcycle'
 async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
     err = api.validation_error(list(exc.errors()))
     return JSONResponse(err.body(), status_code=err.status)
+
+
+@http.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """FastAPI's own errors in OpenAI's shape rather than its {"detail": ...}: a body it could not
+    parse (not UTF-8, say), an unknown path or method."""
+    message = str(exc.detail)
+    if exc.status_code == 400 and "parsing the body" in message:
+        message = "body: could not be parsed; send a JSON object encoded as UTF-8"
+    elif exc.status_code in (404, 405):
+        message = f"{request.method} {request.url.path}: {message}"
+    err = OpenAIError(exc.status_code, message)
+    return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
 
 
 @http.exception_handler(OpenAIError)
@@ -275,26 +289,33 @@ class Ingress:
                 await asyncio.sleep(0.5 * (attempt + 1))
 
 
-def resolve_model(spec: ServeSpec) -> tuple[Path, ModelConfig]:
-    """The checkpoint `spec` serves and its model, checked against the engine layout (no Ray
-    needed: call it before starting anything)."""
+def resolve_model(
+    spec: ServeSpec, max_model_len: int | None = None
+) -> tuple[ServeSpec, Path, ModelConfig]:
+    """`spec` fitted to the model it serves (an unset engine.max_model_len is `max_model_len`,
+    else the field's default, or the model's context where that is shorter), the checkpoint,
+    and its model; checked against the engine layout (no Ray needed: call it before starting
+    anything)."""
     from upcycle.deploy.sources import default_cache_dir, resolve
     from upcycle.platform.checkpoint import read_model_config
 
     ckpt = resolve(spec.model, cache_dir=default_cache_dir())
     cfg = read_model_config(ckpt)
+    spec = spec.model_copy(update={"engine": spec.engine.fit_context(cfg, max_model_len)})
     spec.engine.check(cfg)
-    return ckpt, cfg
+    return spec, ckpt, cfg
 
 
 def build_app(args: dict | ServeSpec):
     """The Serve application for a serve spec (a Ray Serve application builder)."""
     spec = args if isinstance(args, ServeSpec) else ServeSpec.parse(dict(args))
-    ckpt, cfg = resolve_model(spec)
+    spec, ckpt, cfg = resolve_model(spec)
     rc = spec.engine
     scaling = spec.autoscaling.model_dump(exclude_none=True)
+    logs = {"log_level": spec.log_level}
     engine = EngineReplica.options(
         autoscaling_config=scaling,
+        logging_config=logs,
         max_ongoing_requests=spec.max_ongoing_requests,
         ray_actor_options={
             "num_cpus": spec.engine.cpus_per_rank,
@@ -303,14 +324,18 @@ def build_app(args: dict | ServeSpec):
         },
         health_check_period_s=5,
     ).bind(str(ckpt), rc.model_dump(), spec.name or cfg.name)
-    return Ingress.options(max_ongoing_requests=1000).bind(
+    return Ingress.options(max_ongoing_requests=1000, logging_config=logs).bind(
         engine, spec.name or cfg.name, str(ckpt), rc.model_dump(), spec.retries
     )
 
 
 def run(spec: ServeSpec, *, blocking: bool = False) -> str:
     """Deploy `spec` on the connected Ray cluster; returns the base URL."""
-    serve.start(http_options={"host": spec.http.host, "port": spec.http.port})
+    logging.getLogger("ray.serve").setLevel(spec.log_level)  # this process's Serve lines too
+    serve.start(
+        http_options={"host": spec.http.host, "port": spec.http.port},
+        logging_config={"log_level": spec.log_level},
+    )
     serve.run(
         build_app(spec), name=spec.app_name, route_prefix=spec.route_prefix, blocking=blocking
     )

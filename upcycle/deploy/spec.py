@@ -8,11 +8,13 @@ listens. Validated with pydantic; an error names the YAML path of the field and 
              cpus_per_rank: 1, gpus_per_rank: 0, compile: auto}
     autoscaling: {min_replicas: 1, max_replicas: 2, target_ongoing_requests: 8}
     http: {host: 127.0.0.1, port: 8000}
+    log_level: INFO               # Ray Serve's: WARNING drops the access lines
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -59,6 +61,9 @@ class ServeSpec(_Strict):
     http: HttpSpec = HttpSpec()
     app_name: str = "upcycle"
     route_prefix: str = Field(default="/", pattern=r"^/")
+    # Ray Serve's console and log files: its controller, proxies and this app's replicas
+    # (each request's access line is INFO)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod
     def parse(cls, data: dict, source: str = "serve spec") -> ServeSpec:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from upcycle.jobs.needle import NeedleResult, NeedleSpec, run_grid
 from upcycle.platform.checkpoint import read_model_config
-from upcycle.platform.evaluation import Perplexity, perplexity
 from upcycle.platform.plots import needle_heatmap
 from upcycle.platform.tracking import RunTracker, default_tracking_uri
+from upcycle.training.evaluation import Perplexity, perplexity
 
 
 def run(

@@ -116,7 +116,7 @@ def run_grid(ckpt: Path, data: Path, spec: NeedleSpec) -> NeedleResult:
     from upcycle.deploy.engine.sampling import SamplingParams
     from upcycle.platform.checkpoint import read_model_config
     from upcycle.platform.cpu import apply_cpu_patches
-    from upcycle.platform.data import TokenDataset
+    from upcycle.training.data import TokenDataset
 
     apply_cpu_patches()
     tok = get_tokenizer()

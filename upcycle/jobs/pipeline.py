@@ -36,33 +36,12 @@ from rich.table import Table
 
 from upcycle.config import Layout
 from upcycle.jobs import pipeline_stages as stages
+from upcycle.jobs.pipeline_config import PipelineConfig
 from upcycle.platform.tracking import default_tracking_uri
 
 
 class StageError(RuntimeError):
     """A pipeline stage failed; the message names it."""
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    out: Path = Path("runs/pipeline")
-    workers: int = 2
-    heldout_files: int = 8  # the last stdlib modules, never trained on
-    seq_length: int = 128
-    dense_steps: int = 100
-    moe_steps: int = 40
-    sft_steps: int = 30
-    dpo_steps: int = 16
-    dpo_pairs: int = 32  # 4 passes over them in 16 steps of 8 pairs: the margin visibly grows
-    reward_steps: int = 8
-    rlhf_iterations: int = 4
-    lr: float = 3e-3
-    post_lr: float = 1e-3  # SFT and DPO
-    needle_lengths: tuple[int, ...] = (128, 256, 512)  # trained at seq_length: DCA beyond
-    synth_prompts: int = 8  # arithmetic prompts for rejection sampling
-    synth_samples: int = 4  # samples per prompt
-    prompt: str = "Write a Python function that reverses a string."
-    tracking_uri: str = ""
 
 
 @dataclass
@@ -81,11 +60,12 @@ class PipelineResult:
 
 
 def run(cfg: PipelineConfig, console: Console) -> PipelineResult:
-    from upcycle.platform.cluster import ensure_ray
+    from upcycle.platform.cluster import ensure_ray, quiet_ray_data_console
 
     cfg = dataclasses.replace(cfg, tracking_uri=cfg.tracking_uri or default_tracking_uri())
     out, result = Path(cfg.out).absolute(), PipelineResult()
     ensure_ray()
+    quiet_ray_data_console()  # each stage says what its datasets made
 
     def stage(name: str, fn: Callable[[], None]) -> None:
         console.rule(f"[bold]{name}")
@@ -249,6 +229,7 @@ def _serve_and_chat(ckpt: Path, prompt: str, console: Console) -> str:
             "engine": {"max_model_len": 512, "max_num_seqs": 4},
             "http": {"port": port},
             "app_name": "pipeline",
+            "log_level": "WARNING",  # the reply is printed below; Serve's INFO lines are not
         }  # fmt: skip
     )
     url = serve_run(spec)
@@ -298,4 +279,11 @@ def _print_runs(tracking_uri: str, console: Console) -> None:
             more = f"needle accuracy {m['niah_accuracy']:.2f}"
         table.add_row(r.info.run_name, r.info.run_id[:8], r.info.status, loss, ppl, more)
     console.print(table)
-    console.print(f"view them: mlflow ui --backend-store-uri {tracking_uri}")
+    # MLflow 3.17's UI opens in its GenAI view unless the URL (or the last choice, kept in the
+    # browser) asks for model training; the experiment's kind tag (tracking.EXPERIMENT_KIND)
+    # is what earlier 3.x versions go by.
+    console.print(
+        f"view them: mlflow ui --backend-store-uri {tracking_uri}, then open "
+        f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}"
+        "?workflowType=machine_learning"
+    )

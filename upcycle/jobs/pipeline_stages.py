@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from upcycle.atomic import IntegrityError, verify_manifest
 from upcycle.config import Layout, from_name
+from upcycle.jobs.pipeline_config import PipelineConfig
 from upcycle.platform.checkpoint import newest_valid
 from upcycle.train_config import TrainConfig
-
-if TYPE_CHECKING:
-    from upcycle.jobs.pipeline import PipelineConfig
 
 
 def train(
@@ -28,8 +25,8 @@ def train(
     objective: str = "pretrain",
 ) -> Path:
     """Train (or resume) one stage's job on Ray Train; its newest valid checkpoint."""
-    from upcycle.platform.job import TrainJob
-    from upcycle.platform.ray_train import fit
+    from upcycle.training.job import TrainJob
+    from upcycle.training.ray_train import fit
 
     storage = Path(cfg.out).absolute() / "train"
     job = TrainJob(

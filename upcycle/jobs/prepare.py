@@ -2,7 +2,7 @@
 
 Ray Data reads the sources and tokenizes documents in parallel (the Qwen2 tokenizer, every
 document followed by <|endoftext|>); the driver streams the tokenized batches, in source order,
-into fixed-size Arrow IPC shards (`upcycle.platform.data` explains the format and why).
+into fixed-size Arrow IPC shards (`upcycle.training.data` explains the format and why).
 The output folder appears whole or not at all and carries a manifest of sizes and hashes.
 """
 
@@ -19,7 +19,7 @@ import ray
 from upcycle.atomic import atomic_directory
 from upcycle.config import ConfigError
 from upcycle.dense.tokenizer import get_tokenizer
-from upcycle.platform.data import DATASET_JSON, SCHEMA, TOKEN_COLUMN, shard_name
+from upcycle.training.data import DATASET_JSON, SCHEMA, TOKEN_COLUMN, shard_name
 
 JSON_SUFFIXES = {".jsonl", ".json"}
 PARQUET_SUFFIXES = {".parquet"}

@@ -5,9 +5,9 @@ MLflow)."""
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle.platform.data import DataError
 from upcycle.platform.tracking import RunTracker, default_tracking_uri
 from upcycle.synthesis.generation import (
     Generated,
@@ -19,6 +19,19 @@ from upcycle.synthesis.generation import (
 from upcycle.synthesis.rejection import Rejection, read_generated, reject, write
 from upcycle.synthesis.sandbox import DEFAULT, Sandbox
 from upcycle.synthesis.verifiers import check_name
+from upcycle.training.data import DataError
+
+# tokens per prompt + reply that `upcycle reward score` scores, and per sequence that `upcycle
+# generate` holds, unless the model's context is less
+SCORE_LENGTH = GENERATE_LENGTH = 1024
+
+
+@dataclass(frozen=True)
+class Scored:
+    records: int
+    tokens: int
+    seconds: float
+    max_length: int  # what was used: the one asked for, else SCORE_LENGTH or the model's context
 
 
 def run_rejection(
@@ -67,7 +80,9 @@ def run_generate(
     model: str, prompts_path: Path, out: Path, spec: GenerateSpec, *, workers: int, engine: dict
 ) -> Generated:
     """`upcycle generate`: every check (spec, prompts, model, engine, prompt lengths) before
-    any actor starts, then batch generation on the connected Ray cluster (generation.py)."""
+    any actor starts, then batch generation on the connected Ray cluster (generation.py).
+    `engine` is the serve spec's engine section; max_model_len None or absent: GENERATE_LENGTH,
+    or the model's context where that is shorter."""
     from upcycle.deploy.app import engine_limits, resolve_model
     from upcycle.deploy.engine.batching import check_request
     from upcycle.deploy.spec import ServeSpec
@@ -76,8 +91,9 @@ def run_generate(
     if workers < 1:
         raise ValueError(f"workers: must be >= 1, got {workers}")
     prompts = read_prompts(Path(prompts_path))
+    engine = {k: v for k, v in engine.items() if v is not None}
     serve_spec = ServeSpec.parse({"model": model, "engine": engine}, "command line")
-    ckpt, _cfg = resolve_model(serve_spec)
+    serve_spec, ckpt, _cfg = resolve_model(serve_spec, max_model_len=GENERATE_LENGTH)
     rc = serve_spec.engine
     vocab_limit, _ = engine_limits(str(ckpt))
     for i, record in enumerate(prompts):
@@ -93,11 +109,11 @@ def run_generate(
 
 
 def run_reward_score(
-    model: str, in_path: Path, out: Path, *, max_length: int, workers: int
-) -> tuple[int, int, float]:
+    model: str, in_path: Path, out: Path, *, max_length: int | None, workers: int
+) -> Scored:
     """`upcycle reward score`: every check (model is a reward model, lengths, the file) before
-    any actor starts, then scoring on the connected Ray cluster (scoring.py). Returns (records,
-    tokens, seconds)."""
+    any actor starts, then scoring on the connected Ray cluster (scoring.py). `max_length`
+    None: SCORE_LENGTH, or the model's context where that is shorter."""
     from upcycle.config import ConfigError
     from upcycle.deploy.sources import default_cache_dir, resolve
     from upcycle.platform.checkpoint import read_model_config
@@ -113,6 +129,8 @@ def run_reward_score(
             f"{model} is a language model, not a reward model (no score head); train one with "
             "`upcycle reward train` or import a transformers *ForSequenceClassification folder",
         )
+    if max_length is None:
+        max_length = min(SCORE_LENGTH, cfg.max_position_embeddings)
     if not 1 < max_length <= cfg.max_position_embeddings:
         raise ValueError(
             f"max_length: must be in 2..{cfg.max_position_embeddings} (the model's "
@@ -123,4 +141,4 @@ def run_reward_score(
 
     ensure_ray()
     seconds = score_file(ckpt, records, Path(out), max_length=max_length, workers=workers)
-    return len(records), tokens, seconds
+    return Scored(len(records), tokens, seconds, max_length)

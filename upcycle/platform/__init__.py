@@ -1,1 +1,2 @@
-"""Where Ray meets megatron-core: process groups, the CPU layer, checkpoints, training, tracking."""
+"""Where Ray meets megatron-core: the CPU layer, process groups, checkpoints, MLflow tracking,
+the layout planner, FLOPs, and the local Ray cluster."""

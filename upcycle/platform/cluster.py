@@ -9,6 +9,7 @@ worker-group start timeout for loaded 2-core boxes.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
@@ -43,3 +44,15 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         object_store_memory=300 * 1024**2,
         _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
     )
+
+
+def quiet_ray_data_console() -> None:
+    """Keep Ray Data's INFO lines (each dataset's start, plan and finish: three per dataset) off
+    this process's console; they stay in `ray-data.log` in the Ray session's log folder. Ray
+    Data logs under `ray.data` to that file at DEBUG and to the console (a stream handler) at
+    INFO; only the console's level changes."""
+    import ray.data  # noqa: F401  (its import configures the `ray.data` logger)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.WARNING)

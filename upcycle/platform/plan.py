@@ -293,7 +293,7 @@ def plans(cfg: ModelConfig, *, gpus: int, gpu_memory_gib: float, work: Workload)
 
 
 def _plan(cfg, layout, work, mem, dist_opt, recompute, gpus) -> Plan:
-    from upcycle.platform.metrics import train_flops_per_token
+    from upcycle.platform.flops import train_flops_per_token
 
     t = step_seconds(cfg, layout, work, recompute=recompute)
     tokens = work.global_batch * work.seq_len

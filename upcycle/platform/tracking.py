@@ -26,6 +26,11 @@ STATE = "state.json"
 RETRY_AFTER_S = 30.0
 _BATCH = 1000  # MLflow's log_batch limit on metrics per call
 CHECKPOINTS_TAG = "checkpoints"  # run tag: the folder holding a training run's step_* checkpoints
+# MLflow 3's UI picks an experiment's view (GenAI: traces, judges; or model training: runs,
+# charts) from this tag, else infers one. 3.17's UI goes by its own GenAI / Model training
+# switch instead (the URL's `?workflowType=machine_learning`, else the browser's last choice):
+# `upcycle pipeline` prints that link. Ours are model-training runs either way.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def default_tracking_uri(workdir: Path | None = None) -> str:
@@ -69,9 +74,10 @@ class RunTracker:
         values = {k: float(v) for k, v in metrics.items()}
         self._append({"kind": "metrics", "step": step, "ts": _now_ms(), "values": values})
 
-    def log_artifact(self, path: Path, name: str | None = None) -> None:
-        """Copy `path` into the spool (it may be temporary), then log it."""
-        name = name or Path(path).name
+    def log_artifact(self, path: Path, folder: str = "") -> None:
+        """Copy `path` into the spool (it may be temporary), then log it (under `folder`)."""
+        name = f"{folder}/{Path(path).name}" if folder else Path(path).name
+        (self.dir / "artifacts" / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, self.dir / "artifacts" / name)
         self._append({"kind": "artifact", "file": name})
 
@@ -145,9 +151,14 @@ def _run_id(client: MlflowClient, uri: str, experiment: str, run_name: str) -> s
         location = None
         if uri.startswith("sqlite:///"):  # artifacts next to the database, not in the cwd
             location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-        exp_id = client.create_experiment(experiment, artifact_location=location)
+        exp_id = client.create_experiment(
+            experiment, artifact_location=location, tags=EXPERIMENT_KIND
+        )
     else:
         exp_id = exp.experiment_id
+        for key, value in EXPERIMENT_KIND.items():  # made by an older upcycle, or by hand
+            if key not in exp.tags:
+                client.set_experiment_tag(exp_id, key, value)
     return client.create_run(exp_id, run_name=run_name).info.run_id
 
 
@@ -189,6 +200,9 @@ def _send(client: MlflowClient, run_id: str, spool: Path, event: dict) -> None:
         for i in range(0, len(metrics), _BATCH):
             client.log_batch(run_id, metrics=metrics[i : i + _BATCH])
     elif kind == "artifact":
-        client.log_artifact(run_id, str(spool / "artifacts" / event["file"]))
+        folder = str(Path(event["file"]).parent)
+        client.log_artifact(
+            run_id, str(spool / "artifacts" / event["file"]), None if folder == "." else folder
+        )
     elif kind == "end":
         client.set_terminated(run_id, event["status"])

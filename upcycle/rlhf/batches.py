@@ -13,8 +13,8 @@ from functools import partial
 
 import torch
 
-from upcycle.platform.chat_data import response_rows
 from upcycle.rlhf.objectives import RolloutBatch, best_and_worst, grpo_advantages
+from upcycle.training.chat_data import response_rows
 
 PAD = 0
 

@@ -22,10 +22,10 @@ import dataclasses
 from pathlib import Path
 
 from upcycle import runtime
-from upcycle.platform.step import Sink
 from upcycle.rlhf.rollout import MAX_RESTARTS, RolloutEngine
 from upcycle.rlhf.scorers import scorer_for, start_reward_model
 from upcycle.rlhf.spec import VERIFIER_SCORERS, RlhfJob
+from upcycle.training.step import Sink
 
 
 def start_engines(job: RlhfJob, seq_length: int) -> list:
@@ -54,8 +54,8 @@ def start_scorer_actor(job: RlhfJob, seq_length: int):
 
 def _worker(config: dict) -> None:
     from upcycle.platform.cpu import apply_cpu_patches
-    from upcycle.platform.ray_train import RaySink
     from upcycle.rlhf.loop import run
+    from upcycle.training.ray_train import RaySink
 
     apply_cpu_patches()  # in the thread that runs the model (see upcycle.platform.cpu)
     job = RlhfJob.from_dict(config["job"])
@@ -63,8 +63,8 @@ def _worker(config: dict) -> None:
 
 
 def _prepared(job: RlhfJob, storage_path: Path) -> RlhfJob:
-    from upcycle.platform.ray_train import git_revision
     from upcycle.platform.tracking import CHECKPOINTS_TAG, default_tracking_uri
+    from upcycle.training.ray_train import git_revision
 
     absolute = lambda p: p if p in VERIFIER_SCORERS else str(Path(p).absolute())  # noqa: E731
     return dataclasses.replace(
@@ -88,7 +88,7 @@ def fit(job: RlhfJob, *, num_workers: int, storage_path: Path, max_failures: int
     `storage_path` resumes from the newest valid one."""
     import ray
 
-    from upcycle.platform.ray_train import worker_group
+    from upcycle.training.ray_train import worker_group
 
     _cfg, _layout, tasks = job.validate(num_workers)
     storage_path = Path(storage_path).absolute()

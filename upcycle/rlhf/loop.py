@@ -35,15 +35,15 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from upcycle import runtime
 from upcycle.moe import aux_loss
 from upcycle.platform.checkpoint import read_model_config
-from upcycle.platform.objectives import data_iterators
-from upcycle.platform.step import RankTrainer, Sink
 from upcycle.platform.tracking import RunTracker
-from upcycle.platform.training import reduce_step_metrics
 from upcycle.rlhf.batches import PAD, micro_batches
 from upcycle.rlhf.objectives import Grpo, OnlineDpo
 from upcycle.rlhf.prompts import iteration_prompts, read_tasks
 from upcycle.rlhf.spec import RlhfJob
 from upcycle.rlhf.sync import gather_full, nbytes
+from upcycle.training.loop import reduce_step_metrics
+from upcycle.training.objectives import data_iterators
+from upcycle.training.step import RankTrainer, Sink
 
 PROBES = 4  # prompts whose logits are compared after every sync
 MAX_RESYNCS = 3  # per iteration: an engine restarted mid-iteration needs one

@@ -18,7 +18,7 @@ rho_t = pi(y_t) / pi_old(y_t) to the policy that sampled the rollouts,
     KL_t = pi_ref(y_t)/pi(y_t) - log(pi_ref(y_t)/pi(y_t)) - 1   (the k3 estimator, >= 0),
 averaged over each response's tokens, then over the responses.
 
-Like upcycle.platform.objectives, each objective is a megatron-core forward step and the frozen
+Like upcycle.training.objectives, each objective is a megatron-core forward step and the frozen
 reference (and GRPO's old policy) runs forward-only through the same schedule first.
 """
 
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from upcycle.platform.data import Batch
-from upcycle.platform.objectives import FrozenPass, forward_tokens, sequence_logps
+from upcycle.training.data import Batch
+from upcycle.training.objectives import FrozenPass, forward_tokens, sequence_logps
 
 GRPO_STD_EPS = 1e-4
 

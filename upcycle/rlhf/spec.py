@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from upcycle.config import ConfigError, Layout, ModelConfig, section_from_dict
+from upcycle.config import ConfigError, Layout, ModelConfig, check_spec_fields, section_from_dict
 from upcycle.synthesis.sandbox.run import KINDS
 from upcycle.train_config import DpoConfig, TrainConfig
 
@@ -129,16 +129,8 @@ class RlhfJob:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RlhfJob:
-        if not isinstance(d, dict):
-            raise ConfigError("rlhf", f"must be a mapping, got {type(d).__name__}")
+        check_spec_fields(cls, d, "rlhf", required=("policy", "prompts"))
         d = dict(d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(unknown[0], f"unknown field; valid fields: {sorted(names)}")
-        for required in ("policy", "prompts"):
-            if required not in d:
-                raise ConfigError(required, "missing; it has no default")
         train = {"warmup_steps": 0, "min_lr": 0.0, **(d.pop("train", None) or {})}
         for name in _DERIVED:
             if name in train:

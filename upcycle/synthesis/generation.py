@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from upcycle.deploy.engine.sampling import SamplingParams
-from upcycle.platform.chat_data import read_jsonl
-from upcycle.platform.data import DataError
 from upcycle.synthesis.pool import map_groups, refuse_existing, write_jsonl
+from upcycle.training.chat_data import read_jsonl
+from upcycle.training.data import DataError
 
 GROUP = 8  # prompts per Ray Data row: the unit of work of one engine call
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from upcycle.atomic import atomic_directory
-from upcycle.platform.chat_data import read_jsonl
-from upcycle.platform.data import DataError
 from upcycle.synthesis.sandbox import DEFAULT, Sandbox
 from upcycle.synthesis.verifiers import Verdict, best_of_n, check_name, side_by_side, verifier
+from upcycle.training.chat_data import read_jsonl
+from upcycle.training.data import DataError
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Input JSONL, one record per line, of either kind:
 - a preference pair {"prompt", "chosen", "rejected"} -> gains "chosen_reward" and "rejected_reward";
 - a generated prompt {"prompt", "samples": [{"text", ...}, ...]} (`upcycle generate`) -> each
   sample gains "reward", which `upcycle synthesize rejection --verifier reward` reads (best-of-N).
-A (prompt, reply) is read exactly as reward training reads it (upcycle.platform.chat_data: the
+A (prompt, reply) is read exactly as reward training reads it (upcycle.training.chat_data: the
 chat template up to the assistant header, the reply and <|im_end|>, the reply cut to
 `max_length`), and its reward is the score head's output at its last token.
 
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from upcycle.platform.chat_data import fit_reply, prompt_tokens, read_jsonl, reply_tokens
-from upcycle.platform.data import DataError
 from upcycle.synthesis.pool import map_groups, refuse_existing, write_jsonl
+from upcycle.training.chat_data import fit_reply, prompt_tokens, read_jsonl, reply_tokens
+from upcycle.training.data import DataError
 
 GROUP = 16  # records per Ray Data row
 BATCH_ROWS = 8  # sequences per forward
@@ -78,7 +78,7 @@ def score_sequences(model, seqs: list[list[int]], pad_id: int) -> list[float]:
     """Rewards of token sequences: right-padded batches (causal attention: padding after a
     sequence does not change it) of similar lengths, the score at each last token."""
     from upcycle import runtime
-    from upcycle.platform.objectives import last_token_scores
+    from upcycle.training.objectives import last_token_scores
 
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     rewards = [0.0] * len(seqs)

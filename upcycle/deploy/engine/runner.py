@@ -94,6 +94,15 @@ class RunnerConfig(BaseModel):
         block_bytes = 2 * cfg.num_layers * kv_heads * cfg.head_dim * self.block_size * size
         return int(self.kv_cache_gib * 2**30 // block_bytes)
 
+    def fit_context(self, cfg: ModelConfig, default: int | None = None) -> RunnerConfig:
+        """This config with `max_model_len`, when left unset, at `default` (else the field's
+        default) or model `cfg`'s context where that is shorter. A value someone set is kept,
+        and `check` judges it."""
+        if "max_model_len" in self.model_fields_set or self.dual_chunk_length:
+            return self
+        wanted = min(default or self.max_model_len, cfg.max_position_embeddings)
+        return self.model_copy(update={"max_model_len": wanted})
+
     def check(self, cfg: ModelConfig) -> None:
         """Raise ConfigError("engine.<field>", ...) if this does not fit model `cfg` or this
         machine (bf16 where it is not native)."""

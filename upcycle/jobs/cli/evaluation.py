@@ -79,7 +79,7 @@ def evaluate(
     from upcycle.jobs.needle import NeedleSpec
     from upcycle.platform.checkpoint import CheckpointError
     from upcycle.platform.cluster import ensure_ray
-    from upcycle.platform.data import DataError
+    from upcycle.training.data import DataError
 
     try:
         spec = None
@@ -131,7 +131,8 @@ def pipeline(
     """The main job: corpus -> pretrain tiny-dense -> upcycle to tiny-moe -> continue training
     -> SFT -> DPO -> perplexity of each, needle in a haystack (DCA) of the final model -> serve
     it and chat once -> the MLflow runs."""
-    from upcycle.jobs.pipeline import PipelineConfig, StageError, run
+    from upcycle.jobs.pipeline import StageError, run
+    from upcycle.jobs.pipeline_config import PipelineConfig
 
     submit_if_remote(address)
     config = PipelineConfig(

@@ -31,9 +31,9 @@ def rlhf(
     import yaml
 
     from upcycle.platform.cluster import ensure_ray
-    from upcycle.platform.data import DataError
     from upcycle.rlhf.driver import fit
     from upcycle.rlhf.spec import RlhfJob
+    from upcycle.training.data import DataError
 
     try:
         job = RlhfJob.from_dict(yaml.safe_load(spec.read_text()) or {})

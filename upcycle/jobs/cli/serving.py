@@ -40,7 +40,7 @@ def serve(
     from upcycle.platform.cluster import ensure_ray
 
     try:
-        data = ServeSpec.load(spec).model_dump() if spec else {}
+        data = ServeSpec.load(spec).model_dump(exclude_unset=True) if spec else {}
         if model:
             data["model"] = model
         if "model" not in data:
@@ -48,7 +48,13 @@ def serve(
         http = data.setdefault("http", {})
         http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
         parsed = ServeSpec.parse(data, str(spec or "command line"))
-        resolve_model(parsed)  # bad model or layout: fail before any cluster starts
+        fitted, _, _ = resolve_model(parsed)  # bad model or layout: fail before any start
+        if fitted.engine.max_model_len != parsed.engine.max_model_len:
+            console.print(
+                f"engine.max_model_len: {fitted.engine.max_model_len}, the model's context "
+                f"(the default {parsed.engine.max_model_len} is longer)"
+            )
+        parsed = fitted
         submit_if_remote(address, ("--detach",))
         ensure_ray()
         url = run(parsed)

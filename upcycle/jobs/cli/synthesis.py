@@ -90,7 +90,11 @@ def generate(
     max_tokens: int = typer.Option(256, help="completion tokens per sample"),
     seed: int = typer.Option(0, help="the same seed gives the same samples"),
     workers: int = typer.Option(1, help="engine actors (Ray Data actor pool)"),
-    max_model_len: int = typer.Option(1024, help="prompt + completion tokens per sequence"),
+    max_model_len: int = typer.Option(
+        None,
+        help="prompt + completion tokens per sequence [default: 1024, or the model's context "
+        "where that is shorter]",
+    ),
     max_num_seqs: int = typer.Option(16, help="sequences each engine decodes together"),
     address: str = typer.Option(None, help=ADDRESS_HELP),
 ) -> None:
@@ -123,22 +127,28 @@ def reward_score(
     ),
     data: Path = typer.Argument(..., help="JSONL: pairs (prompt/chosen/rejected) or samples"),
     out: Path = typer.Argument(..., help="new JSONL file: the records with their rewards"),
-    max_length: int = typer.Option(1024, help="tokens per prompt + reply (the reply is cut)"),
+    max_length: int = typer.Option(
+        None,
+        help="tokens per prompt + reply (the reply is cut) [default: 1024, or the model's "
+        "context where that is shorter]",
+    ),
     workers: int = typer.Option(1, help="scorer actors (Ray Data actor pool)"),
     address: str = typer.Option(None, help=ADDRESS_HELP),
 ) -> None:
     """Score every reply with a reward model: pairs gain chosen_reward/rejected_reward, samples
     gain reward (then `synthesize rejection --verifier reward` keeps the best of N)."""
     from upcycle.config import ConfigError
-    from upcycle.jobs.synthesize import run_reward_score
+    from upcycle.jobs.synthesize import SCORE_LENGTH, run_reward_score
 
     try:
         submit_if_remote(address)
-        records, tokens, seconds = run_reward_score(model, data, out, max_length=max_length,
-                                                    workers=workers)  # fmt: skip
+        done = run_reward_score(model, data, out, max_length=max_length, workers=workers)
     except (ValueError, ConfigError, FileExistsError, FileNotFoundError) as e:
         fail(str(e))
+    if max_length is None and done.max_length < SCORE_LENGTH:
+        console.print(f"max_length: {done.max_length}, the model's context (the default "
+                      f"{SCORE_LENGTH} is longer)")  # fmt: skip
     console.print(
-        f"{records} records ({tokens:,} tokens) scored in {seconds:.1f} s: "
-        f"{tokens / max(seconds, 1e-9):,.0f} tokens/s with {workers} worker(s) -> {out}"
+        f"{done.records} records ({done.tokens:,} tokens) scored in {done.seconds:.1f} s: "
+        f"{done.tokens / max(done.seconds, 1e-9):,.0f} tokens/s with {workers} worker(s) -> {out}"
     )

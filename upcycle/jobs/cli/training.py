@@ -70,9 +70,9 @@ def _run_training(spec, objective, workers, storage, max_failures, address) -> N
     import yaml
 
     from upcycle.platform.cluster import ensure_ray
-    from upcycle.platform.data import DataError
-    from upcycle.platform.job import TrainJob
-    from upcycle.platform.ray_train import fit
+    from upcycle.training.data import DataError
+    from upcycle.training.job import TrainJob
+    from upcycle.training.ray_train import fit
 
     try:
         data = yaml.safe_load(spec.read_text()) or {}

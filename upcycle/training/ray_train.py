@@ -3,7 +3,7 @@
 Ray Train's `TorchTrainer` places the workers with a placement group, creates the default
 torch.distributed group (gloo on CPU, NCCL on GPU), restarts the group from the last reported
 checkpoint on failure (`FailureConfig`), and stores checkpoints under `storage_path/name`.
-Inside each worker `upcycle.platform.training.train` initialises megatron-core's parallel state
+Inside each worker `upcycle.training.loop.train` initialises megatron-core's parallel state
 from the job's layout and trains. The job is validated against the world size before any actor
 starts, so a bad layout costs no cluster time.
 """
@@ -11,6 +11,8 @@ starts, so a bad layout costs no cluster time.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import posixpath
 import subprocess
 import tempfile
@@ -24,6 +26,7 @@ from ray.train import (
     Checkpoint,
     CheckpointConfig,
     FailureConfig,
+    LoggingConfig,
     Result,
     RunConfig,
     ScalingConfig,
@@ -32,9 +35,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from upcycle import runtime
 from upcycle.platform.checkpoint import newest_valid
-from upcycle.platform.job import TrainJob
 from upcycle.platform.tracking import CHECKPOINTS_TAG, default_tracking_uri
-from upcycle.platform.training import train
+from upcycle.training.job import TrainJob
+from upcycle.training.loop import train
 
 CHECKPOINT_PREFIX = "step_"
 
@@ -99,6 +102,17 @@ def git_revision() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def _quiet_reports(fn: Callable[[dict], None], config: dict) -> None:
+    """Run `fn(config)` without Ray Train's line per report at INFO ("Reporting training result
+    N: TrainingReport(...)"): Ray 2.x logs it under a logger named by its file's path
+    (`logging.getLogger(__file__)` in ray.train.v2._internal.execution.context), which the
+    `ray.train` level of LoggingConfig does not reach and the worker's INFO root logger prints."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    fn(config)
+
+
 def worker_group(
     fn: Callable[[dict], None],
     config: dict,
@@ -112,7 +126,7 @@ def worker_group(
     """A Ray Train `TorchTrainer` running `fn(config)` on `num_workers` ranks (a GPU each where
     CUDA is, else `threads_per_worker` CPUs), checkpoints under `storage_path/name`."""
     return TorchTrainer(
-        fn,
+        functools.partial(_quiet_reports, fn),
         train_loop_config=config,
         torch_config=TorchConfig(backend=runtime.distributed_backend()),
         scaling_config=ScalingConfig(
@@ -125,6 +139,9 @@ def worker_group(
             storage_path=str(storage_path),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(),
+            # Ray Train's INFO lines (each report's TrainingReport, each checkpoint's path, the
+            # worker list) stay in its log files under the Ray session folder, off the console.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 

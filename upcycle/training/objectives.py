@@ -4,7 +4,7 @@ Bradley-Terry loss.
 Each objective is a megatron-core `forward_step_func`: it feeds one micro-batch to a model chunk
 and returns the loss function the schedule calls on the last pipeline stage. The loss function's
 dict is the micro-batch's metrics: "objective" is the minimised value, the other keys are logged
-as they are (upcycle.platform.training averages them over micro-batches and data-parallel ranks).
+as they are (upcycle.training.loop averages them over micro-batches and data-parallel ranks).
 Inputs, positions and the attention mask reach every pipeline stage, so any layout works.
 
 SFT's loss is the mean over the micro-batch's assistant tokens (`Batch.loss_mask`).
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from upcycle import runtime
-from upcycle.platform.data import Batch
+from upcycle.training.data import Batch
 
 
 def forward_tokens(model, batch: Batch) -> torch.Tensor:

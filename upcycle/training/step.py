@@ -1,8 +1,8 @@
 """The per-rank pieces of training: model chunks, optimizer, and `RankTrainer`, which holds
 them with the LR schedule, starts (resume or init) and saves them (the forward steps are in
-upcycle.platform.objectives).
+upcycle.training.objectives).
 
-Kept apart from the job loop (`upcycle.platform.training`) so that benchmarks and the GPU check
+Kept apart from the job loop (`upcycle.training.loop`) so that benchmarks and the GPU check
 build exactly what training runs (no Ray, no MLflow), and so that the RLHF loop
 (upcycle.rlhf.loop) drives the same trainer as supervised jobs do.
 """
@@ -131,7 +131,7 @@ def _fuse_torch_adam(optimizer) -> None:
 @dataclass
 class RankTrainer:
     """A rank's trainable model: its layout, model chunks (megatron DDP), optimizer and LR
-    schedule. The supervised loop (upcycle.platform.training) and the RLHF loop
+    schedule. The supervised loop (upcycle.training.loop) and the RLHF loop
     (upcycle.rlhf.loop) both drive one."""
 
     layout: Layout

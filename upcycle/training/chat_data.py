@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from upcycle.dense.tokenizer import chat_text, get_tokenizer
-from upcycle.platform.data import Batch, DataError
+from upcycle.training.data import Batch, DataError
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -1,11 +1,11 @@
 """The training loop every rank runs: megatron-core model chunks, DDP, optimizer and schedule.
 
-One loop for every objective (upcycle.platform.objectives): pretraining on token shards, SFT on
+One loop for every objective (upcycle.training.objectives): pretraining on token shards, SFT on
 packed ChatML conversations, DPO on preference pairs against a frozen reference model, and a
 reward model (score head) on the same pairs.
 
-`train(job, sink)` (a `upcycle.platform.job.TrainJob`) is the same code in a Ray Train worker
-(`upcycle.platform.ray_train`, where the sink reports checkpoints to Ray) and in one plain process
+`train(job, sink)` (a `upcycle.training.job.TrainJob`) is the same code in a Ray Train worker
+(`upcycle.training.ray_train`, where the sink reports checkpoints to Ray) and in one plain process
 (`LocalSink`, for single-process reference runs and debugging). Per step: megatron-core's forward-backward schedule (1F1B, or
 interleaved when vpp > 1) over this rank's micro-batches, gradient reduction and clipping, an
 optimizer step, warmup + cosine LR; metrics are reduced to every rank and rank 0 logs them.
@@ -30,15 +30,15 @@ from upcycle import runtime
 from upcycle.atomic import atomic_directory
 from upcycle.config import Layout, ModelConfig
 from upcycle.moe import aux_loss
-from upcycle.platform.chat_data import PackedConversations
 from upcycle.platform.checkpoint import LINEAGE, newest_valid
-from upcycle.platform.data import Samples, StepBatches, TokenWindows
-from upcycle.platform.job import PAIRED, TrainJob
-from upcycle.platform.metrics import ExpertLoad, peak_flops, train_flops_per_token
-from upcycle.platform.objectives import Dpo, lm_step, reward_step
-from upcycle.platform.plots import expert_load_heatmap
-from upcycle.platform.step import RankTrainer, Sink
+from upcycle.platform.flops import peak_flops, train_flops_per_token
 from upcycle.platform.tracking import RunTracker
+from upcycle.training.chat_data import PackedConversations
+from upcycle.training.data import Samples, StepBatches, TokenWindows
+from upcycle.training.job import PAIRED, TrainJob
+from upcycle.training.metrics import ExpertLoad, ExpertLoadArtifacts, expert_load_metrics
+from upcycle.training.objectives import Dpo, lm_step, reward_step
+from upcycle.training.step import RankTrainer, Sink
 
 
 class LocalSink:
@@ -77,6 +77,7 @@ class _RunLog:
 
     def __init__(self, job: TrainJob, layout: Layout, samples: Samples):
         self.tracker = None
+        self.log_interval = job.train.log_interval or max(1, -(-job.train.steps // 10))
         if dist.get_rank() != 0 or not job.tracking_dir:
             return
         self.tracker = RunTracker(
@@ -118,6 +119,8 @@ class _RunLog:
     def metrics(self, step: int, steps: int, values: dict[str, float]) -> None:
         if self.tracker:
             self.tracker.log_metrics(step, values)
+            if step not in (1, steps) and step % self.log_interval:
+                return
             aux = f" aux {values['aux_loss']:.4f}" if "aux_loss" in values else ""
             if "rewards/margin" in values:
                 aux += (
@@ -131,14 +134,9 @@ class _RunLog:
                 flush=True,
             )
 
-    def finish(self, cfg: ModelConfig, expert_tokens: torch.Tensor) -> None:
-        if not self.tracker:
-            return
-        if cfg.is_moe:
-            with tempfile.TemporaryDirectory() as tmp:
-                png = expert_load_heatmap(expert_tokens, Path(tmp) / "expert_load.png")
-                self.tracker.log_artifact(png)
-        self.tracker.close()
+    def finish(self) -> None:
+        if self.tracker:
+            self.tracker.close()
 
 
 def _lineage_tags(init_from: str | None) -> dict[str, str]:
@@ -207,7 +205,9 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
     )
     run_log = _RunLog(job, layout, samples)
     expert_load = ExpertLoad(job.model, chunks, layout.sequence_parallel)
-    expert_tokens = torch.zeros_like(expert_load.counts, device="cpu")
+    expert_artifacts = ExpertLoadArtifacts(
+        run_log.tracker, t.expert_load_interval, tuple(expert_load.counts.shape)
+    )
     flops_per_step = (
         train_flops_per_token(job.model, t.seq_length) * layout.global_batch_size * t.seq_length
     )
@@ -241,16 +241,15 @@ def train(job: TrainJob, sink: Sink) -> dict[str, float]:
         )
         if job.model.is_moe:
             counts = expert_load.collect()
-            expert_tokens += counts
-            for layer, cv in enumerate(ExpertLoad.coefficient_of_variation(counts).tolist()):
-                metrics[f"expert_cv/layer_{layer}"] = cv
-                for e, n in enumerate(counts[layer].tolist()):
-                    metrics[f"expert_tokens/layer_{layer}/expert_{e}"] = n
+            metrics.update(expert_load_metrics(counts))
+            expert_artifacts.add(step + 1, counts)
         run_log.metrics(step + 1, t.steps, metrics)
         done = step + 1
         if done == end or (t.save_interval and done % t.save_interval == 0):
             trainer.save(sink, done, job.model, job.name, {"step": done, **_headline(metrics)})
-    run_log.finish(job.model, expert_tokens)
+    if job.model.is_moe:
+        expert_artifacts.finish()
+    run_log.finish()
     return metrics
 
 
@@ -264,7 +263,7 @@ _PAIR_METRICS = ["rewards/chosen", "rewards/rejected", "rewards/margin", "reward
 
 
 def _metric_keys(job: TrainJob) -> list[str]:
-    """The keys of the objective's loss-function dicts (upcycle.platform.objectives)."""
+    """The keys of the objective's loss-function dicts (upcycle.training.objectives)."""
     if job.objective == "dpo":
         return ["objective", "dpo_loss", *_PAIR_METRICS]
     if job.objective == "reward":

@@ -8,7 +8,7 @@ A prepared dataset is a folder written atomically (`upcycle.atomic`):
 Arrow IPC (uncompressed) rather than Parquet so that training memory-maps the shards and reads
 token windows without decoding or copying. The token stream is cut into samples of
 `seq_length + 1` tokens (inputs and next-token labels) that overlap by one token (`TokenWindows`;
-post-training jobs bring their own `Samples`, upcycle.platform.chat_data), samples are
+post-training jobs bring their own `Samples`, upcycle.training.chat_data), samples are
 shuffled once per epoch with the job's seed, and global step `s` takes samples
 `[s * global_batch, (s + 1) * global_batch)` of that order; data-parallel rank `r` of `d` takes
 the r-th contiguous block of them. The batches of a step depend only on (seed, step, rank), so a

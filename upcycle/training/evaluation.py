@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from upcycle import runtime
 from upcycle.config import ConfigError
 from upcycle.platform.checkpoint import load_checkpoint, read_model_config
-from upcycle.platform.data import TokenDataset
+from upcycle.training.data import TokenDataset
 
 
 @dataclass(frozen=True)

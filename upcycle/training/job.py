@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from upcycle import runtime
-from upcycle.config import ConfigError, Layout, ModelConfig, from_name
-from upcycle.platform.chat_data import PackedConversations, PreferencePairs
-from upcycle.platform.data import Samples, TokenDataset, TokenWindows
+from upcycle.config import ConfigError, Layout, ModelConfig, check_spec_fields, from_name
 from upcycle.train_config import DpoConfig, LongContext, SftConfig, TrainConfig
+from upcycle.training.chat_data import PackedConversations, PreferencePairs
+from upcycle.training.data import Samples, TokenDataset, TokenWindows
 
-OBJECTIVES = ("pretrain", "sft", "dpo", "reward")  # upcycle.platform.objectives
+OBJECTIVES = ("pretrain", "sft", "dpo", "reward")  # upcycle.training.objectives
 PAIRED = ("dpo", "reward")  # objectives that read preference pairs
 
 
@@ -51,15 +51,7 @@ class TrainJob:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainJob:
-        if not isinstance(d, dict):
-            raise ConfigError("job", f"must be a mapping, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(unknown[0], f"unknown field; valid fields: {sorted(names)}")
-        for required in ("model", "data"):
-            if required not in d:
-                raise ConfigError(required, "missing; it has no default")
+        check_spec_fields(cls, d, "job", required=("model", "data"))
         d = dict(d)
         model = d.pop("model")
         model = from_name(model) if isinstance(model, str) else ModelConfig.from_dict(model)

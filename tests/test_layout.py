@@ -1,6 +1,7 @@
 """The house rule from DESIGN.md: imports flow one way between rooms, with no circles.
 
-jobs -> rlhf -> synthesis -> deploy -> conversion -> training -> platform -> moe -> dense -> base
+jobs -> rlhf -> synthesis -> curation -> deploy -> conversion -> training -> platform -> moe ->
+dense -> base
 (base: the top-level modules). Every import counts, including those inside functions and under
 TYPE_CHECKING: a lazy import is still a dependency a reader has to follow."""
 
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import upcycle
 
-ROOMS = ["jobs", "rlhf", "synthesis", "deploy", "conversion", "training", "platform", "moe",
-         "dense"]  # fmt: skip
+ROOMS = ["jobs", "rlhf", "synthesis", "curation", "deploy", "conversion", "training", "platform",
+         "moe", "dense"]  # fmt: skip
 PACKAGE = Path(upcycle.__file__).parent
 
 

@@ -1,6 +1,7 @@
 """`upcycle pipeline`: the main job, the whole dense -> MoE path on the embedded defaults.
 
-    prepare a corpus (the Python standard library's source; held-out files kept apart)
+    prepare a corpus (the Python standard library's source; held-out files kept apart): filter
+       by quality rules, deduplicate, decontaminate against the held-out files and HumanEval
     -> pretrain tiny-dense (Ray Train, data parallel)
     -> upcycle it to tiny-moe (qwen2 method, a Ray task)
     -> continue training the MoE (Ray Train, expert parallel)
@@ -83,13 +84,15 @@ def run(cfg: PipelineConfig, console: Console) -> PipelineResult:
         from upcycle.jobs.prepare import demo_corpus, prepare
 
         files = demo_corpus()
-        for folder, part in ((train_data, files[: -cfg.heldout_files]),
-                             (heldout, files[-cfg.heldout_files :])):  # fmt: skip
+        train_files, heldout_files = files[: -cfg.heldout_files], files[-cfg.heldout_files :]
+        console.print(stages.curate(cfg, out / "data" / "curated", train_files, heldout_files))
+        clean = [out / "data" / "curated" / "clean" / "documents.jsonl"]
+        for folder, part in ((train_data, clean), (heldout, heldout_files)):
             if stages.valid(folder):
                 console.print(f"{folder}: already prepared")
                 continue
             meta = prepare(part, folder, progress=False)
-            console.print(f"{folder}: {meta['num_tokens']:,} tokens from {len(part)} files")
+            console.print(f"{folder}: {meta['num_tokens']:,} tokens, {meta['documents']} documents")
 
     def pretrain() -> None:
         result.dense_checkpoint = stages.train(

@@ -1,10 +1,11 @@
-"""The post-training work behind `upcycle pipeline`'s stages (upcycle.jobs.pipeline): one
-Ray Train job per stage, rejection sampling and best-of-N with their MLflow runs, and the online
-RLHF run. Each reuses what an earlier pipeline run finished."""
+"""The work behind `upcycle pipeline`'s stages (upcycle.jobs.pipeline): the corpus's curation,
+one Ray Train job per training stage, rejection sampling and best-of-N with their MLflow runs,
+and the online RLHF run. Each reuses what an earlier pipeline run finished."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from upcycle.atomic import IntegrityError, verify_manifest
@@ -117,6 +118,45 @@ def _newest(outcome, folder: Path) -> Path:
     if ckpt is None:
         raise RuntimeError(f"no valid checkpoint under {folder}")
     return ckpt
+
+
+# The main job's filter recipe for the stdlib's source (examples/curation/stdlib-code.yaml)
+STDLIB_RECIPE = {
+    "filters": {
+        "word_count": {"min": 50},
+        "alphabetic_word_share": {"min": 0.6},
+        "top_2gram_share": {"max": 0.2},
+        "max_line_length": {"max": 1000},
+    }
+}
+
+
+def curate(cfg: PipelineConfig, root: Path, files: list[Path], heldout: list[Path]) -> str:
+    """Filter, deduplicate and decontaminate (against the held-out modules and HumanEval) the
+    training files; the line that says what each step kept. Writes root/{filtered,deduplicated,
+    clean}; `clean/documents.jsonl` is the training text."""
+    from upcycle.curation.filters import Recipe
+    from upcycle.jobs.curate import REPORT, run_decontaminate, run_dedup, run_filter
+
+    track = {"tracking_uri": cfg.tracking_uri}
+    steps = [
+        ("filtered", lambda src, out: run_filter(
+            src, out, recipe=Recipe.from_dict(STDLIB_RECIPE), run_name="pipeline-filter", **track)),
+        ("deduplicated", lambda src, out: run_dedup(
+            src, out, workers=cfg.workers, run_name="pipeline-dedup", **track)),
+        ("clean", lambda src, out: run_decontaminate(
+            src, out, against=["humaneval", *map(str, heldout)], workers=cfg.workers,
+            run_name="pipeline-decontaminate", **track)),
+    ]  # fmt: skip
+    sources, counts = list(files), []
+    for name, step in steps:
+        folder = root / name
+        if not valid(folder):
+            step(sources, folder)
+        report = json.loads((folder / REPORT).read_text())
+        counts.append(f"{name} {report['documents_out']}")
+        sources = [folder / "documents.jsonl"]
+    return f"curation: {len(files)} files -> " + " -> ".join(counts) + " documents"
 
 
 def valid(folder: Path) -> bool:

@@ -18,44 +18,15 @@ import ray
 
 from upcycle.atomic import atomic_directory
 from upcycle.config import ConfigError
+from upcycle.curation.documents import expand_sources
+from upcycle.curation.documents import kind as source_kind
 from upcycle.dense.tokenizer import get_tokenizer
 from upcycle.training.data import DATASET_JSON, SCHEMA, TOKEN_COLUMN, shard_name
-
-JSON_SUFFIXES = {".jsonl", ".json"}
-PARQUET_SUFFIXES = {".parquet"}
 
 
 def demo_corpus() -> list[Path]:
     """Real text that ships with Python: the standard library's top-level modules (~4.7 MB)."""
     return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-
-
-def expand_sources(sources: list[Path]) -> list[Path]:
-    """Files as given, folders expanded to their files (sorted, so the order is reproducible)."""
-    files: list[Path] = []
-    for src in map(Path, sources):
-        if src.is_dir():
-            files.extend(sorted(p for p in src.rglob("*") if p.is_file()))
-        elif src.is_file():
-            files.append(src)
-        else:
-            raise ConfigError("sources", f"{src} does not exist")
-    if not files:
-        raise ConfigError("sources", "no input files found")
-    kinds = {_kind(f) for f in files}
-    if len(kinds) > 1:
-        raise ConfigError(
-            "sources", f"mixes {sorted(kinds)} files; prepare each kind in its own job"
-        )
-    return files
-
-
-def _kind(path: Path) -> str:
-    if path.suffix in JSON_SUFFIXES:
-        return "jsonl"
-    if path.suffix in PARQUET_SUFFIXES:
-        return "parquet"
-    return "text"
 
 
 class _Tokenize:
@@ -85,7 +56,7 @@ class _Tokenize:
 
 def _read(files: list[Path], text_field: str) -> ray.data.Dataset:
     paths = [str(f) for f in files]
-    kind = _kind(files[0])
+    kind = source_kind(files[0])
     if kind == "jsonl":
         return ray.data.read_json(paths, lines=True)
     if kind == "parquet":

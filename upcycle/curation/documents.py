@@ -1,0 +1,117 @@
+"""Documents for curation: read from text, JSONL or Parquet files with ids that do not depend on
+how the input is split or ordered, normalised into words and word n-grams, and written back.
+
+A document's id is its file's path, and for JSONL and Parquet its row (`path:N`, N from 1): the
+same document has the same id whatever the worker count or the order the files were given in,
+so "keep the smallest id" picks the same survivor everywhere. A JSONL document is written back
+as its original line (every field kept); a text file becomes {"text": ..., "source": path}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import ray
+
+from upcycle.config import ConfigError
+
+JSON_SUFFIXES = {".jsonl", ".json"}
+PARQUET_SUFFIXES = {".parquet"}
+DOCUMENTS = "documents.jsonl"  # what a curation job writes into its output folder
+_WORD = re.compile(r"\w+")
+
+
+def expand_sources(sources: Iterable[Path]) -> list[Path]:
+    """Files as given, folders expanded to their files (sorted, so the order is reproducible)."""
+    files: list[Path] = []
+    for src in map(Path, sources):
+        if src.is_dir():
+            files.extend(sorted(p for p in src.rglob("*") if p.is_file()))
+        elif src.is_file():
+            files.append(src)
+        else:
+            raise ConfigError("sources", f"{src} does not exist")
+    if not files:
+        raise ConfigError("sources", "no input files found")
+    kinds = {kind(f) for f in files}
+    if len(kinds) > 1:
+        raise ConfigError("sources", f"mixes {sorted(kinds)} files; give each kind its own job")
+    return files
+
+
+def kind(path: Path) -> str:
+    if path.suffix in JSON_SUFFIXES:
+        return "jsonl"
+    if path.suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    return "text"
+
+
+def words(text: str) -> list[str]:
+    """Normalised words: lower case, punctuation and whitespace dropped (what n-grams count)."""
+    return _WORD.findall(text.lower())
+
+
+def ngram_hashes(tokens: list[str], n: int) -> set[int]:
+    """64-bit hashes of the word n-grams of `tokens` (a shorter text: the whole of it)."""
+    grams = [tokens] if len(tokens) < n else (tokens[i : i + n] for i in range(len(tokens) - n + 1))
+    return {
+        int.from_bytes(hashlib.blake2b(" ".join(g).encode(), digest_size=8).digest(), "little")
+        for g in grams
+        if g
+    }
+
+
+def read_documents(files: list[Path], text_field: str, workers: int = 1) -> ray.data.Dataset:
+    """Rows {id, text, record}: one per text file, JSONL line or Parquet row (record: the
+    original JSONL line, or "" for a text file), materialized in blocks enough for `workers`
+    (one JSONL file would otherwise be one block, one worker). Fails on a row without
+    `text_field`."""
+    if all(f.stat().st_size == 0 for f in files):
+        raise ConfigError("sources", "every input file is empty: no documents")
+    items = [{"path": str(f)} for f in files]
+    docs = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
+        _file_rows, fn_kwargs={"text_field": text_field}
+    )
+    return docs.repartition(max(len(files), 4 * workers)).materialize()
+
+
+def _file_rows(item: dict, text_field: str) -> Iterator[dict]:
+    path = Path(item["path"])
+    if kind(path) == "text":
+        yield {"id": str(path), "text": path.read_text(errors="replace"), "record": ""}
+        return
+    if kind(path) == "parquet":
+        import pyarrow.parquet as pq
+
+        rows = (json.dumps(r) for r in pq.read_table(path).to_pylist())
+    else:
+        rows = (line for line in path.read_text().splitlines())
+    for n, line in enumerate(rows, start=1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise ConfigError("text_field", f"{path}:{n} has no string field {text_field!r}")
+        yield {"id": f"{path}:{n}", "text": record[text_field], "record": line}
+
+
+def id_order(doc_id: str) -> tuple[str, int]:
+    """Sort key of a document id: by file, then by row number (`a.jsonl:2` before `:10`)."""
+    path, _, row = doc_id.rpartition(":")
+    return (path, int(row)) if path and row.isdigit() else (doc_id, 0)
+
+
+def write_documents(rows: Iterable[dict], path: Path) -> int:
+    """Kept documents as JSONL, in id order; their count."""
+    count = 0
+    with open(path, "w") as f:
+        for row in sorted(rows, key=lambda r: id_order(r["id"])):
+            line = row["record"] or json.dumps({"text": row["text"], "source": row["id"]})
+            f.write(line + "\n")
+            count += 1
+    return count

@@ -75,12 +75,12 @@ def _edited(text: str, edits: int, rng: random.Random) -> str:
 
 def _corpus(root: Path) -> dict[str, str]:
     """60 distinct 200-word documents from real source, and variants of 24 of them: 2 or 4
-    words edited (Jaccard ~0.8-0.9), an exact copy, or 40 words edited (Jaccard < 0.5), in
+    words edited (Jaccard ~0.8-0.9), an exact copy, or 20 words edited (Jaccard ~0.35-0.5), in
     two JSONL files. Returns each document's `key` field -> its text."""
     text = " ".join((STDLIB / n).read_text() for n in ("argparse.py", "tarfile.py", "typing.py"))
     tokens, rng = text.split(), random.Random(0)
     base = [" ".join(tokens[i * 400 : i * 400 + 200]) for i in range(60)]
-    variants = [_edited(base[i], (2, 4, 0, 40)[i % 4], rng) for i in range(24)]
+    variants = [_edited(base[i], (2, 4, 0, 20)[i % 4], rng) for i in range(24)]
     docs = base + variants
     rng.shuffle(docs)
     root.mkdir()
@@ -112,6 +112,9 @@ def test_near_duplicates_are_found_whatever_the_workers_and_file_order(ray_clust
     assert found / len(similar) >= 0.9, (found, len(similar))
     for key in set(docs) - kept_keys:  # nothing dropped without a close match
         assert max(_jaccard(docs[key], docs[k]) for k in docs if k != key) >= 0.5
+    far = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1 :]
+           if 0.3 <= _jaccard(docs[a], docs[b]) < 0.5]  # fmt: skip
+    assert len(far) >= 4 and all({a, b} <= kept_keys for a, b in far)  # the 20-word edits
     report = json.loads((tmp_path / "one" / REPORT).read_text())
     assert report["dropped"] == 84 - one["documents_out"]
     assert all(d["jaccard"] >= 0.7 for c in report["clusters"] for d in c["dropped"])

@@ -280,6 +280,8 @@ def _print_runs(tracking_uri: str, console: Console) -> None:
             more = f"accepted {m['accepted']:.0f} of {m['samples']:.0f} samples"
         elif "niah_accuracy" in m:
             more = f"needle accuracy {m['niah_accuracy']:.2f}"
+        elif "documents_out" in m:
+            more = f"kept {m['documents_out']:.0f} of {m['documents_in']:.0f} documents"
         table.add_row(r.info.run_name, r.info.run_id[:8], r.info.status, loss, ppl, more)
     console.print(table)
     # MLflow 3.17's UI opens in its GenAI view unless the URL (or the last choice, kept in the

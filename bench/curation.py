@@ -1,10 +1,12 @@
-"""Documents/s of `data dedup` and `data decontaminate` on the Python standard library's source
-(the main job's corpus), at 1 and 2 Ray Data workers, on an in-process Ray cluster.
+"""Documents/s of `data filter`, `data dedup` and `data decontaminate` on the Python standard
+library's source (the main job's corpus, its recipe: examples/curation/stdlib-code.yaml), at 1
+and 2 Ray Data workers, on an in-process Ray cluster.
 
     .venv/bin/python bench/curation.py [--repeats 3] [--workers 1 2]
 
-Each job reads the files, computes (dedup: MinHash signatures, LSH band groups, union-find;
-decontaminate: 13-gram hashes against HumanEval's 164 problems) and writes its output folder;
+Each job reads the files, computes (filter: the recipe's four heuristic rules; dedup: MinHash
+signatures, LSH band groups, union-find; decontaminate: 13-gram hashes against HumanEval's 164
+problems) and writes its output folder;
 the time is the whole job, the median of `--repeats`. No peer runs here: datatrove is not used
 (its MinHash is a four-stage pipeline of its own executor; a run on the same corpus is the
 comparison to add).
@@ -21,7 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from upcycle.jobs.curate import run_decontaminate, run_dedup  # noqa: E402
+from upcycle.curation.recipe import Recipe  # noqa: E402
+from upcycle.jobs.curate import run_decontaminate, run_dedup, run_filter  # noqa: E402
+from upcycle.jobs.pipeline_stages import STDLIB_RECIPE  # noqa: E402
 from upcycle.jobs.prepare import demo_corpus  # noqa: E402
 from upcycle.platform.cluster import ensure_ray, quiet_ray_data_console  # noqa: E402
 
@@ -36,7 +40,9 @@ def main() -> None:
     files = demo_corpus()
     root = Path(tempfile.mkdtemp(prefix="bench-curation-"))
     uri = f"sqlite:///{root}/mlflow.db"
+    recipe = Recipe.from_dict(STDLIB_RECIPE)
     jobs = {
+        "filter": lambda out, w: run_filter(files, out, recipe=recipe, workers=w, tracking_uri=uri),
         "dedup": lambda out, w: run_dedup(files, out, workers=w, tracking_uri=uri),
         "decontaminate": lambda out, w: run_decontaminate(
             files, out, against=["humaneval"], workers=w, tracking_uri=uri

@@ -74,6 +74,20 @@ def references(corpus, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def text_model(tmp_path_factory) -> Path:
+    """A tiny-moe checkpoint with the real Qwen2 vocabulary, so real text goes in and out;
+    weights drawn wide enough (std 0.1) that greedy decoding does not just repeat one token."""
+    from upcycle.config import from_name
+    from upcycle.moe.model import build_model
+    from upcycle.platform.checkpoint import save_checkpoint
+
+    cfg = from_name("tiny-moe")
+    out = tmp_path_factory.mktemp("text-model") / "ckpt"
+    save_checkpoint(randomise(build_model(cfg), seed=0, std=0.1), cfg, out)
+    return out
+
+
 def randomise(model: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn.Module:
     """Give every parameter (norms and biases too) random values, so no mapping hides behind 0/1."""
     g = torch.Generator().manual_seed(seed)

@@ -1,21 +1,25 @@
-"""Curation on Ray Data (upcycle.curation): each quality rule on hand-made documents,
-near-duplicate removal on a corpus with planted near-duplicates of known Jaccard similarity,
-decontamination against HumanEval and a held-out split, and bad input named before any work."""
+"""Curation on Ray Data (upcycle.curation): each quality rule on hand-made documents, the model
+rules against the model run in this process, near-duplicate removal on a corpus with planted
+near-duplicates of known Jaccard similarity, decontamination of documents and of SFT / DPO
+prompts against HumanEval and a held-out split, and bad input named before any work."""
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from upcycle.config import ConfigError
 from upcycle.curation.documents import DOCUMENTS, words
-from upcycle.curation.filters import RULES, Recipe
-from upcycle.jobs.curate import REPORT, run_decontaminate, run_dedup, run_filter
+from upcycle.curation.filters import RULES
+from upcycle.curation.recipe import Recipe
+from upcycle.jobs.curate import REPORT, run_curate, run_decontaminate, run_dedup, run_filter
 from upcycle.jobs.pipeline_stages import STDLIB_RECIPE
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -151,6 +155,26 @@ def test_decontamination_finds_planted_evaluation_text_and_nothing_in_clean_text
     kept = [json.loads(line)["source"] for line in (out / DOCUMENTS).read_text().splitlines()]
     assert sorted(kept) == sorted(str(src / n.replace("/", "_")) for n in clean)
 
+    # SFT conversations and DPO prompts: the messages' contents are what is checked
+    chat = [
+        {"messages": [{"role": "user", "content": "Finish this:\n" + p["prompt"]},
+                      {"role": "assistant", "content": "return None"}]},
+        {"messages": [{"role": "user", "content": "What does json.dumps do?"},
+                      {"role": "assistant", "content": "It serialises an object to JSON."}]},
+    ]  # fmt: skip
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    pairs = [{"prompt": r["messages"][:1], "chosen": "a", "rejected": "b"} for r in chat]
+    (tmp_path / "dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs[::-1]))
+    for name, field, planted in (("sft", "messages", 1), ("dpo", "prompt", 2)):
+        report = run_decontaminate([tmp_path / f"{name}.jsonl"], tmp_path / f"{name}-clean",
+                                   against=["humaneval"], text_field=field,
+                                   tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # fmt: skip
+        assert report["hits"] == {
+            "humaneval": {"HumanEval/12": [f"{tmp_path}/{name}.jsonl:{planted}"]}
+        }
+        kept = (tmp_path / f"{name}-clean" / DOCUMENTS).read_text().splitlines()
+        assert [json.loads(x) for x in kept] == [(chat if name == "sft" else pairs)[1]]
+
 
 def test_filter_job_writes_kept_documents_and_each_drops_reason(ray_cluster, tmp_path):
     lines = [{"text": PROSE, "id": 1}, {"text": "Too short.", "id": 2}, {"text": "long " * 80}]
@@ -165,6 +189,103 @@ def test_filter_job_writes_kept_documents_and_each_drops_reason(ray_cluster, tmp
     assert report["dropped_by_rule"] == {"max_line_length": 1, "word_count": 1}
     assert report["dropped_documents"][0] == {
         "id": f"{tmp_path / 'in.jsonl'}:2", "reason": "word_count 2 < min 5"}  # fmt: skip
+    from upcycle.dense.tokenizer import get_tokenizer
+
+    tokens = [len(get_tokenizer().encode(r["text"])) for r in lines]
+    assert (report["tokens_in"], report["tokens_out"]) == (sum(tokens), tokens[0])
+    # a whole recipe: each step reads the last one's documents; a second run redoes nothing
+    full = Recipe.from_dict({"filters": {"word_count": {"min": 5}}, "dedup": {},
+                             "decontaminate": {"against": ["humaneval"]}})  # fmt: skip
+    for _ in range(2):
+        steps = run_curate([tmp_path / "in.jsonl"], tmp_path / "cur", recipe=full,
+                           tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # fmt: skip
+        assert [(s, r["documents_in"], r["documents_out"]) for s, r in steps] == [
+            ("filter", 3, 2), ("dedup", 2, 2), ("decontaminate", 2, 2)]  # fmt: skip
+    assert (tmp_path / "cur" / "decontaminate" / DOCUMENTS).read_text().splitlines()[0] == (
+        json.dumps(lines[0]))  # fmt: skip
+    # Parquet rows, a timestamp among their columns, are written on as JSONL lines
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    when = datetime.datetime(2024, 6, 1, 12, 0)
+    pq.write_table(pa.table({"text": [PROSE, "Too short."], "at": [when, when]}),
+                   tmp_path / "in.parquet")  # fmt: skip
+    run_filter([tmp_path / "in.parquet"], tmp_path / "pq", recipe=recipe,
+               tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # fmt: skip
+    kept = [json.loads(x) for x in (tmp_path / "pq" / DOCUMENTS).read_text().splitlines()]
+    assert kept == [{"text": PROSE, "at": str(when)}]
+
+
+def _scored_here(ckpt: Path, texts: list[str], prompt: str | None = None) -> list[float]:
+    """Each text's perplexity (prompt None) or reward, one unpadded forward each, here."""
+    import torch
+    import torch.nn.functional as F
+    from conftest import logits_of
+
+    from upcycle.dense.tokenizer import get_tokenizer
+    from upcycle.moe.model import build_model
+    from upcycle.platform.checkpoint import load_checkpoint, read_model_config
+    from upcycle.training.chat_data import prompt_tokens, reply_tokens
+
+    model = build_model(read_model_config(ckpt)).eval()
+    load_checkpoint(model, ckpt)
+    tok, out = get_tokenizer(), []
+    for text in texts:
+        if prompt is None:
+            ids = torch.tensor([[tok.eot_id, *tok.encode(text)][:64]])
+            loss = F.cross_entropy(logits_of(model, ids)[0, :-1].float(), ids[0, 1:])
+            out.append(math.exp(loss.item()))
+        else:
+            ids = torch.tensor([prompt_tokens(prompt, "") + reply_tokens(text)])
+            out.append(logits_of(model, ids)[0, -1, 0].item())
+    return out
+
+
+def _between(values: list[float], k: int) -> float:
+    """A bound between the k-th and k+1-th smallest values."""
+    ordered = sorted(values)
+    return (ordered[k - 1] + ordered[k]) / 2
+
+
+def test_model_rules_drop_by_the_models_own_scores(ray_cluster, text_model, tmp_path):
+    """Perplexity under a language model, then a reward model's score, each on what the rules
+    before it kept; which documents go must be what the models, run here one document at a
+    time, say."""
+    from conftest import randomise
+
+    from upcycle.config import from_name
+    from upcycle.moe.model import build_model
+    from upcycle.platform.checkpoint import save_checkpoint
+
+    rm_cfg = from_name("tiny-dense").as_reward_model()
+    save_checkpoint(randomise(build_model(rm_cfg), seed=1), rm_cfg, tmp_path / "rm")
+    source = (STDLIB / "textwrap.py").read_text().split("\n\n")
+    texts = [t for t in source if 10 < len(t.split()) < 40][:8]
+    assert len(texts) == 8
+    rows = [{"text": t} for t in texts] + [{"text": "two words"}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ppl = _scored_here(text_model, texts)
+    max_ppl = _between(ppl, 5)  # the 3 most perplexing go
+    calm = [t for t, p in zip(texts, ppl, strict=True) if p <= max_ppl]
+    prompt = "Write Python."
+    rewards = _scored_here(tmp_path / "rm", calm, prompt)
+    min_reward = _between(rewards, 2)  # then the 2 lowest rewards go
+    recipe = Recipe.from_dict({"filters": {
+        "word_count": {"min": 3},
+        "perplexity": {"model": str(text_model), "max": max_ppl, "max_tokens": 64},
+        "reward": {"model": str(tmp_path / "rm"), "min": min_reward, "prompt": prompt}}})  # fmt: skip
+    report = run_filter([tmp_path / "in.jsonl"], tmp_path / "out", recipe=recipe,
+                        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # fmt: skip
+    kept = [json.loads(x)["text"] for x in (tmp_path / "out" / DOCUMENTS).read_text().splitlines()]
+    assert kept == [t for t, r in zip(calm, rewards, strict=True) if r >= min_reward]
+    assert report["dropped_by_rule"] == {"perplexity": 3, "reward": 2, "word_count": 1}
+    assert report["scores"]["perplexity"]["median"] == pytest.approx(np.median(ppl), rel=1e-4)
+    assert report["scores"]["reward"]["median"] == pytest.approx(np.median(rewards), rel=1e-4)
+    swapped = Recipe.from_dict({"filters": {"reward": {"model": str(text_model), "min": 0}}})
+    with pytest.raises(ConfigError, match="^filters.reward.model: .*needs a reward model"):
+        run_filter([tmp_path / "in.jsonl"], tmp_path / "o2", recipe=swapped)
 
 
 def test_bad_input_is_named_before_any_work(tmp_path):
@@ -185,10 +306,27 @@ def test_bad_input_is_named_before_any_work(tmp_path):
                        ({"filters": {"word_count": {"least": 1}}}, "filters.word_count.least"),
                        ({"filters": {"word_count": {"min": 9, "max": 1}}}, "filters.word_count"),
                        ({"filters": {"word_count": {"min": "ten"}}}, "filters.word_count.min"),
-                       ({"rules": {}}, "filters")):  # fmt: skip
+                       ({"rules": {}}, "rules"),
+                       ({"filters": {"perplexity": {"max": 9}}}, "filters.perplexity"),
+                       ({"filters": {"reward": {"model": "m", "min": 0, "prompt": ""}}},
+                        "filters.reward.prompt"),
+                       ({"filters": {"perplexity": {"model": "m", "max": 9, "prompt": "p"}}},
+                        "filters.perplexity.prompt"),
+                       ({"dedup": {"threshold": 1.5}}, "dedup.threshold"),
+                       ({"dedup": {"bands": 8}}, "dedup.bands"),
+                       ({"decontaminate": {"against": "humaneval"}}, "decontaminate.against"),
+                       ({"decontaminate": {"against": ["humaneval"], "ngram": 0}},
+                        "decontaminate.ngram")):  # fmt: skip
         with pytest.raises(ConfigError, match=f"^{field}: "):
             Recipe.from_dict(bad)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
     with pytest.raises(FileExistsError, match="choose a new output folder"):
         run_dedup([tmp_path / "a.txt"], tmp_path / "taken")
+    only_dedup = Recipe.from_dict({"dedup": {}})
+    with pytest.raises(ConfigError, match="^filters: the recipe has no filters section"):
+        run_filter([tmp_path / "a.txt"], tmp_path / "o6", recipe=only_dedup)
+    late = Recipe.from_dict({"dedup": {}, "decontaminate": {"against": ["gone/"]}})
+    with pytest.raises(ConfigError, match="^against: gone/"):  # before the dedup step runs
+        run_curate([tmp_path / "a.txt"], tmp_path / "o7", recipe=late)
+    assert not (tmp_path / "o7").exists()

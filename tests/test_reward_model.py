@@ -26,9 +26,10 @@ from upcycle.moe.model import build_model
 from upcycle.platform.checkpoint import load_checkpoint, read_model_config, save_checkpoint
 from upcycle.platform.distributed import single_process
 from upcycle.platform.tracking import spooled_metrics
-from upcycle.synthesis.scoring import read_scorable, score_sequences, sequences
+from upcycle.synthesis.scoring import read_scorable, sequences
 from upcycle.train_config import TrainConfig
 from upcycle.training.data import DataError
+from upcycle.training.evaluation import score_sequences
 from upcycle.training.job import TrainJob
 from upcycle.training.ray_train import fit
 

@@ -14,19 +14,15 @@ import time
 
 import pytest
 import requests
-from conftest import randomise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from upcycle.config import from_name
 from upcycle.dense.tokenizer import get_tokenizer
 from upcycle.deploy import app as serve_app
 from upcycle.deploy.engine.batching import Engine
 from upcycle.deploy.engine.runner import ModelRunner, RunnerConfig
 from upcycle.deploy.engine.sampling import SamplingParams
 from upcycle.deploy.spec import ServeSpec
-from upcycle.moe.model import build_model
-from upcycle.platform.checkpoint import save_checkpoint
 
 CONTEXT = 128
 MODEL = "tiny-moe"
@@ -39,13 +35,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """tiny-moe with the real Qwen2 vocabulary, so real text goes in and out; weights drawn wide
-    enough (std 0.1) that greedy decoding does not just repeat one token."""
-    cfg = from_name(MODEL)
-    out = tmp_path_factory.mktemp("serve") / "ckpt"
-    save_checkpoint(randomise(build_model(cfg), seed=0, std=0.1), cfg, out)
-    return out
+def checkpoint(text_model):
+    return text_model
 
 
 @pytest.fixture(scope="module")

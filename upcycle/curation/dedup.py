@@ -33,7 +33,7 @@ SEED = 1
 
 @dataclass
 class DedupResult:
-    kept: list[dict]  # rows {id, text, record}
+    kept: list[dict]  # document rows (documents.COLUMNS)
     clusters: list[dict] = field(default_factory=list)  # {kept, dropped: [{id, jaccard}]}
 
     @property
@@ -89,10 +89,10 @@ def _group_edges(group: dict, threshold: float) -> dict:
 
 
 def deduplicate(docs: ray.data.Dataset, *, threshold: float = 0.7, workers: int = 1) -> DedupResult:
-    """Documents `docs` (rows {id, text, record}) without exact or near duplicates."""
+    """Documents `docs` (document rows (documents.COLUMNS), materialized: `documents.read_documents`)
+    without exact or near duplicates."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold: must be in (0, 1], got {threshold}")
-    docs = docs.materialize()
     sigs = docs.map_batches(
         _signatures, batch_size=64, compute=ray.data.TaskPoolStrategy(size=workers)
     )

@@ -1,9 +1,11 @@
 """Documents for curation: read from text, JSONL or Parquet files with ids that do not depend on
 how the input is split or ordered, normalised into words and word n-grams, and written back.
 
-A document's id is its file's path, and for JSONL and Parquet its row (`path:N`, N from 1): the
-same document has the same id whatever the worker count or the order the files were given in,
-so "keep the smallest id" picks the same survivor everywhere. A JSONL document is written back
+A document's text is a text file, or a field of a record (`text_field`): a string, or a list of
+chat messages (SFT's `messages`, DPO's or RLHF's `prompt`), whose contents are joined. Its id
+is its file's path, and for JSONL and Parquet its row (`path:N`, N from 1): the same document
+has the same id whatever the worker count or the order the files were given in, so "keep the
+smallest id" picks the same survivor everywhere. A JSONL document is written back
 as its original line (every field kept); a text file becomes {"text": ..., "source": path}.
 """
 
@@ -22,6 +24,7 @@ from upcycle.config import ConfigError
 JSON_SUFFIXES = {".jsonl", ".json"}
 PARQUET_SUFFIXES = {".parquet"}
 DOCUMENTS = "documents.jsonl"  # what a curation job writes into its output folder
+COLUMNS = ("id", "text", "record", "tokens")  # a document row (`read_documents`)
 _WORD = re.compile(r"\w+")
 
 
@@ -67,8 +70,8 @@ def ngram_hashes(tokens: list[str], n: int) -> set[int]:
 
 
 def read_documents(files: list[Path], text_field: str, workers: int = 1) -> ray.data.Dataset:
-    """Rows {id, text, record}: one per text file, JSONL line or Parquet row (record: the
-    original JSONL line, or "" for a text file), materialized in blocks enough for `workers`
+    """Rows {id, text, record, tokens}: one per text file, JSONL line or Parquet row (record:
+    the original JSONL line, or "" for a text file; tokens: its Qwen2 tokens, for the reports), materialized in blocks enough for `workers`
     (one JSONL file would otherwise be one block, one worker). Fails on a row without
     `text_field`."""
     if all(f.stat().st_size == 0 for f in files):
@@ -83,21 +86,52 @@ def read_documents(files: list[Path], text_field: str, workers: int = 1) -> ray.
 def _file_rows(item: dict, text_field: str) -> Iterator[dict]:
     path = Path(item["path"])
     if kind(path) == "text":
-        yield {"id": str(path), "text": path.read_text(errors="replace"), "record": ""}
+        yield _row(str(path), path.read_text(errors="replace"), "")
         return
     if kind(path) == "parquet":
         import pyarrow.parquet as pq
 
-        rows = (json.dumps(r) for r in pq.read_table(path).to_pylist())
+        # a JSONL line per row; values JSON has no type for (timestamps, bytes) as strings
+        rows = (json.dumps(r, default=str) for r in pq.read_table(path).to_pylist())
     else:
         rows = (line for line in path.read_text().splitlines())
     for n, line in enumerate(rows, start=1):
         if not line.strip():
             continue
         record = json.loads(line)
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise ConfigError("text_field", f"{path}:{n} has no string field {text_field!r}")
-        yield {"id": f"{path}:{n}", "text": record[text_field], "record": line}
+        text = _text(record.get(text_field)) if isinstance(record, dict) else None
+        if text is None:
+            raise ConfigError(
+                "text_field",
+                f"{path}:{n} has no field {text_field!r} holding a string or "
+                "a list of chat messages",
+            )
+        yield _row(f"{path}:{n}", text, line)
+
+
+def _row(doc_id: str, text: str, record: str) -> dict:
+    from upcycle.dense.tokenizer import get_tokenizer
+
+    return {
+        "id": doc_id,
+        "text": text,
+        "record": record,
+        "tokens": len(get_tokenizer().encode(text)),
+    }
+
+
+def _text(value) -> str | None:
+    """A field's text: a string, or a chat's messages' contents a line each (an SFT record's
+    `messages`, a DPO or RLHF record's `prompt`)."""
+    if isinstance(value, str):
+        return value
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value)
+    ):
+        return "\n".join(m["content"] for m in value)
+    return None
 
 
 def id_order(doc_id: str) -> tuple[str, int]:

@@ -9,14 +9,16 @@ text rather than taken from datatrove: datatrove's filters are steps of its own 
 executor over its own Document type, and each rule is a few lines whose definition this module
 states; datatrove is not a dependency.
 
-A recipe (YAML) maps rules to bounds, either or both of `min` and `max`:
+A recipe's `filters` section (recipe.py) maps rules to bounds, either or both of `min` and
+`max`:
 
     filters:
       word_count: {min: 50}
       max_line_length: {max: 1000}
 
 A document is dropped by the first rule, in the recipe's order, whose measure is out of bounds;
-its reason names the rule, the measure and the bound.
+its reason names the rule, the measure and the bound. Model rules (model_scores.py) run after
+the heuristic ones, on the documents those kept.
 """
 
 from __future__ import annotations
@@ -27,9 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from upcycle.config import ConfigError
+from upcycle.curation.documents import COLUMNS
 
 _PUNCTUATION_END = (".", "!", "?", '"', "'", "\u201d")
 
@@ -123,58 +123,19 @@ class Bound:
         return None
 
 
-@dataclass(frozen=True)
-class Recipe:
-    bounds: tuple[Bound, ...]
-
-    @classmethod
-    def from_dict(cls, data: object, source: str = "recipe") -> Recipe:
-        if not isinstance(data, dict) or set(data) != {"filters"}:
-            raise ConfigError("filters", f"a recipe is a mapping with one key, filters ({source})")
-        filters = data["filters"]
-        if not isinstance(filters, dict) or not filters:
-            raise ConfigError("filters", f"maps rules to bounds; rules: {sorted(RULES)}")
-        bounds = []
-        for rule, limits in filters.items():
-            if rule not in RULES:
-                raise ConfigError(f"filters.{rule}", f"unknown rule; rules: {sorted(RULES)}")
-            if not isinstance(limits, dict) or not limits:
-                raise ConfigError(f"filters.{rule}", "give min, max or both: {min: 1, max: 9}")
-            for key, value in limits.items():
-                if key not in ("min", "max"):
-                    raise ConfigError(f"filters.{rule}.{key}", "unknown field; fields: min, max")
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise ConfigError(f"filters.{rule}.{key}", f"a number, got {value!r}")
-            bound = Bound(rule, limits.get("min"), limits.get("max"))
-            if bound.min is not None and bound.max is not None and bound.min > bound.max:
-                raise ConfigError(f"filters.{rule}", f"min {bound.min} > max {bound.max}")
-            bounds.append(bound)
-        return cls(tuple(bounds))
-
-    @classmethod
-    def load(cls, path: Path) -> Recipe:
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(str(path), f"cannot read the recipe: {e}") from None
-        return cls.from_dict(data, str(path))
-
-    def reason(self, text: str) -> str | None:
-        """Why `text` is dropped (the first failing rule), or None: kept."""
-        for bound in self.bounds:
-            why = bound.reason(RULES[bound.rule](text))
-            if why:
-                return why
-        return None
-
-
-def _verdicts(batch: dict, recipe: Recipe) -> dict:
+def _verdicts(batch: dict, recipe) -> dict:
     return {**batch, "reason": [recipe.reason(t) or "" for t in batch["text"]]}
 
 
-def apply(docs, recipe: Recipe, *, workers: int = 1) -> tuple[list[dict], dict[str, str]]:
-    """(kept rows, dropped id -> reason) of Ray Data rows {id, text, record}."""
+def apply(
+    docs, recipe, checkpoints: dict[str, Path], *, workers: int = 1
+) -> tuple[list[dict], dict[str, str], dict[str, list[float]]]:
+    """(kept rows, dropped id -> reason, rule -> the scores of the documents it scored) of Ray
+    Data document rows (documents.COLUMNS) under a `recipe.Recipe`: its heuristic rules, then each model
+    rule (model_scores.py) with its checkpoint from `checkpoints`, on the documents still in."""
     import ray
+
+    from upcycle.curation.model_scores import DocumentScorer
 
     checked = docs.map_batches(
         _verdicts,
@@ -182,10 +143,21 @@ def apply(docs, recipe: Recipe, *, workers: int = 1) -> tuple[list[dict], dict[s
         compute=ray.data.TaskPoolStrategy(size=workers),
         fn_kwargs={"recipe": recipe},
     )
-    kept, dropped = [], {}
+    for rule in recipe.models:
+        checked = checked.map_batches(
+            DocumentScorer,
+            batch_size=8,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            fn_constructor_kwargs={"ckpt": str(checkpoints[rule.rule]), "rule": vars(rule)},
+            num_cpus=1,
+        )
+    kept, dropped, scores = [], {}, {rule.rule: [] for rule in recipe.models}
     for row in checked.iter_rows():
+        for name, values in scores.items():
+            if row[name] == row[name]:  # not NaN: scored
+                values.append(float(row[name]))
         if row["reason"]:
             dropped[row["id"]] = row["reason"]
         else:
-            kept.append({k: row[k] for k in ("id", "text", "record")})
-    return kept, dropped
+            kept.append({k: row[k] for k in COLUMNS})
+    return kept, dropped, scores

@@ -85,9 +85,9 @@ def run(cfg: PipelineConfig, console: Console) -> PipelineResult:
 
         files = demo_corpus()
         train_files, heldout_files = files[: -cfg.heldout_files], files[-cfg.heldout_files :]
-        console.print(stages.curate(cfg, out / "data" / "curated", train_files, heldout_files))
-        clean = [out / "data" / "curated" / "clean" / "documents.jsonl"]
-        for folder, part in ((train_data, clean), (heldout, heldout_files)):
+        clean, line = stages.curate(cfg, out / "data" / "curated", train_files, heldout_files)
+        console.print(line)
+        for folder, part in ((train_data, [clean]), (heldout, heldout_files)):
             if stages.valid(folder):
                 console.print(f"{folder}: already prepared")
                 continue

@@ -71,7 +71,6 @@ def rlhf(cfg: PipelineConfig, policy: Path, reward: Path, prompts: Path) -> Path
 def rejection_sampling(cfg: PipelineConfig, ckpt: Path, out: Path) -> float:
     """Generate samples of arithmetic prompts (Ray Data), keep what the exact verifier accepts
     (SFT/DPO files, an MLflow run); the acceptance rate. Reuses a finished earlier run."""
-    import json
 
     from upcycle.jobs import chat_demo
     from upcycle.jobs.synthesize import run_generate, run_rejection
@@ -95,7 +94,6 @@ def rejection_sampling(cfg: PipelineConfig, ckpt: Path, out: Path) -> float:
 def best_of_n(cfg: PipelineConfig, reward_ckpt: Path, synth: Path) -> int:
     """Score the generated samples with the reward model (Ray Data) and keep each prompt's best
     (`--verifier reward`); the number of DPO pairs. Reuses a finished earlier run."""
-    import json
 
     from upcycle.jobs.synthesize import run_rejection, run_reward_score
 
@@ -120,43 +118,37 @@ def _newest(outcome, folder: Path) -> Path:
     return ckpt
 
 
-# The main job's filter recipe for the stdlib's source (examples/curation/stdlib-code.yaml)
+# The main job's curation recipe for the stdlib's source (examples/curation/stdlib-code.yaml);
+# the pipeline adds its held-out modules to what is decontaminated against
 STDLIB_RECIPE = {
     "filters": {
         "word_count": {"min": 50},
         "alphabetic_word_share": {"min": 0.6},
         "top_2gram_share": {"max": 0.2},
         "max_line_length": {"max": 1000},
-    }
+    },
+    "dedup": {"threshold": 0.7},
+    "decontaminate": {"against": ["humaneval"], "ngram": 13},
 }
 
 
-def curate(cfg: PipelineConfig, root: Path, files: list[Path], heldout: list[Path]) -> str:
+def curate(
+    cfg: PipelineConfig, root: Path, files: list[Path], heldout: list[Path]
+) -> tuple[Path, str]:
     """Filter, deduplicate and decontaminate (against the held-out modules and HumanEval) the
-    training files; the line that says what each step kept. Writes root/{filtered,deduplicated,
-    clean}; `clean/documents.jsonl` is the training text."""
-    from upcycle.curation.filters import Recipe
-    from upcycle.jobs.curate import REPORT, run_decontaminate, run_dedup, run_filter
+    training files into root/{filter,dedup,decontaminate} (upcycle.jobs.curate.run_curate),
+    the clean documents' file and the line that says what each step kept."""
+    from upcycle.curation.recipe import Recipe
+    from upcycle.jobs.curate import run_curate
 
-    track = {"tracking_uri": cfg.tracking_uri}
-    steps = [
-        ("filtered", lambda src, out: run_filter(
-            src, out, recipe=Recipe.from_dict(STDLIB_RECIPE), run_name="pipeline-filter", **track)),
-        ("deduplicated", lambda src, out: run_dedup(
-            src, out, workers=cfg.workers, run_name="pipeline-dedup", **track)),
-        ("clean", lambda src, out: run_decontaminate(
-            src, out, against=["humaneval", *map(str, heldout)], workers=cfg.workers,
-            run_name="pipeline-decontaminate", **track)),
-    ]  # fmt: skip
-    sources, counts = list(files), []
-    for name, step in steps:
-        folder = root / name
-        if not valid(folder):
-            step(sources, folder)
-        report = json.loads((folder / REPORT).read_text())
-        counts.append(f"{name} {report['documents_out']}")
-        sources = [folder / "documents.jsonl"]
-    return f"curation: {len(files)} files -> " + " -> ".join(counts) + " documents"
+    recipe = dict(STDLIB_RECIPE)
+    recipe["decontaminate"] = {**recipe["decontaminate"],
+                               "against": ["humaneval", *map(str, heldout)]}  # fmt: skip
+    steps = run_curate(files, root, recipe=Recipe.from_dict(recipe), workers=cfg.workers,
+                       tracking_uri=cfg.tracking_uri, run_name="pipeline")  # fmt: skip
+    counts = " -> ".join(f"{step} {report['documents_out']}" for step, report in steps)
+    line = f"curation: {len(files)} files -> {counts} documents"
+    return root / steps[-1][0] / "documents.jsonl", line
 
 
 def valid(folder: Path) -> bool:

@@ -9,21 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from upcycle.platform.tracking import RunTracker, default_tracking_uri
-from upcycle.synthesis.generation import (
-    Generated,
-    GenerateSpec,
-    generate,
-    prompt_ids,
-    read_prompts,
-)
+from upcycle.synthesis.generation import Generated, GenerateSpec, generate, read_prompts
 from upcycle.synthesis.rejection import Rejection, read_generated, reject, write
 from upcycle.synthesis.sandbox import DEFAULT, Sandbox
 from upcycle.synthesis.verifiers import check_name
 from upcycle.training.data import DataError
 
-# tokens per prompt + reply that `upcycle reward score` scores, and per sequence that `upcycle
-# generate` holds, unless the model's context is less
-SCORE_LENGTH = GENERATE_LENGTH = 1024
+# tokens per prompt + reply that `upcycle reward score` scores, unless the model's context is less
+SCORE_LENGTH = 1024
 
 
 @dataclass(frozen=True)
@@ -83,29 +76,19 @@ def run_generate(
     any actor starts, then batch generation on the connected Ray cluster (generation.py).
     `engine` is the serve spec's engine section; max_model_len None or absent: GENERATE_LENGTH,
     or the model's context where that is shorter."""
-    from upcycle.deploy.app import engine_limits, resolve_model
-    from upcycle.deploy.engine.batching import check_request
-    from upcycle.deploy.spec import ServeSpec
+    from upcycle.synthesis.writer import Writer
 
-    spec.check()
-    if workers < 1:
-        raise ValueError(f"workers: must be >= 1, got {workers}")
+    writer = Writer.load(model, spec, workers=workers, engine=engine)
     prompts = read_prompts(Path(prompts_path))
-    engine = {k: v for k, v in engine.items() if v is not None}
-    serve_spec = ServeSpec.parse({"model": model, "engine": engine}, "command line")
-    serve_spec, ckpt, _cfg = resolve_model(serve_spec, max_model_len=GENERATE_LENGTH)
-    rc = serve_spec.engine
-    vocab_limit, _ = engine_limits(str(ckpt))
     for i, record in enumerate(prompts):
         try:
-            check_request(prompt_ids(record), spec.params(i, 0), max_model_len=rc.max_model_len,
-                          vocab_limit=vocab_limit)  # fmt: skip
+            writer.check(record, i)
         except ValueError as e:
             raise DataError(f"{prompts_path}: prompt {i + 1}: {e}") from None
     from upcycle.platform.cluster import ensure_ray
 
     ensure_ray()
-    return generate(ckpt, rc.model_dump(), prompts, spec, Path(out), workers=workers)
+    return generate(writer.ckpt, writer.runner, prompts, spec, Path(out), workers=workers)
 
 
 def run_reward_score(

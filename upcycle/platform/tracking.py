@@ -106,6 +106,27 @@ class RunTracker:
         return True
 
 
+def track_job(kind: str, run_name: str, *, params: dict[str, Any], metrics: dict[str, float],
+              artifacts: list[Path] = (), tracking_uri: str | None = None,
+              experiment: str = "upcycle") -> None:  # fmt: skip
+    """One MLflow run for a job that runs once, start to end (curation, synthesis): its params,
+    a `kind` tag, its metrics at step 0 and its artifacts."""
+    import tempfile
+
+    tracker = RunTracker(
+        Path(tempfile.mkdtemp(prefix=f"upcycle-{kind}-")),
+        tracking_uri=tracking_uri or default_tracking_uri(),
+        experiment=experiment,
+        run_name=run_name,
+    )
+    tracker.log_params(params)
+    tracker.set_tags({"kind": kind})
+    tracker.log_metrics(0, metrics)
+    for path in artifacts:
+        tracker.log_artifact(Path(path))
+    tracker.close()
+
+
 def spooled_metrics(spool_dir: Path) -> dict[int, dict[str, float]]:
     """Per step, the metrics a spool recorded (a resumed step's later values win)."""
     steps: dict[int, dict[str, float]] = {}

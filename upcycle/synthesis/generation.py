@@ -27,6 +27,9 @@ from upcycle.training.chat_data import read_jsonl
 from upcycle.training.data import DataError
 
 GROUP = 8  # prompts per Ray Data row: the unit of work of one engine call
+# tokens per sequence (prompt + completion) an engine holds unless told, or the model's context
+# where that is shorter
+GENERATE_LENGTH = 1024
 
 
 @dataclass(frozen=True)

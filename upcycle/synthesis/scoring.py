@@ -25,9 +25,9 @@ import torch
 from upcycle.synthesis.pool import map_groups, refuse_existing, write_jsonl
 from upcycle.training.chat_data import fit_reply, prompt_tokens, read_jsonl, reply_tokens
 from upcycle.training.data import DataError
+from upcycle.training.evaluation import score_sequences
 
 GROUP = 16  # records per Ray Data row
-BATCH_ROWS = 8  # sequences per forward
 
 
 def read_scorable(path: Path, max_length: int) -> tuple[list[dict], int]:
@@ -72,30 +72,6 @@ def sequences(record: dict, max_length: int, where: str) -> list[list[int]]:
     prompt = prompt_tokens(record["prompt"], where)
     return [prompt + fit_reply(prompt, reply_tokens(t), max_length, where)[0]
             for t in _replies(record)]  # fmt: skip
-
-
-def score_sequences(model, seqs: list[list[int]], pad_id: int) -> list[float]:
-    """Rewards of token sequences: right-padded batches (causal attention: padding after a
-    sequence does not change it) of similar lengths, the score at each last token."""
-    from upcycle import runtime
-    from upcycle.training.objectives import last_token_scores
-
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    rewards = [0.0] * len(seqs)
-    device = runtime.device()
-    for at in range(0, len(order), BATCH_ROWS):
-        rows = order[at : at + BATCH_ROWS]
-        longest = max(len(seqs[i]) for i in rows)
-        tokens = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-        for r, i in enumerate(rows):
-            tokens[r, : len(seqs[i])] = torch.tensor(seqs[i])
-        lengths = torch.tensor([len(seqs[i]) for i in rows])
-        positions = torch.arange(longest).expand(len(rows), longest)
-        with torch.no_grad():
-            scores = model(tokens.to(device), positions.to(device), None)
-        for i, value in zip(rows, last_token_scores(scores.float(), lengths).tolist(), strict=True):
-            rewards[i] = value
-    return rewards
 
 
 class RewardScorer:

@@ -6,7 +6,8 @@ One module per command group; importing them registers their commands on `app`, 
 
 # isort: off
 from upcycle.jobs.cli.common import app
-from upcycle.jobs.cli import data, training, rlhf, conversion, serving, evaluation, info, synthesis  # noqa: F401, E501
+from upcycle.jobs.cli import data, training, rlhf, conversion, serving, evaluation  # noqa: F401
+from upcycle.jobs.cli import info, synthesis, synthesis_text  # noqa: F401
 # isort: on
 
 __all__ = ["app"]

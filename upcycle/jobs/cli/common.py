@@ -17,7 +17,9 @@ checkpoint_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
 runs_app = typer.Typer(no_args_is_help=True, help="MLflow runs.")
 synthesize_app = typer.Typer(
-    no_args_is_help=True, help="Machine-made post-training data (rejection sampling)."
+    no_args_is_help=True,
+    help="Machine-made post-training data: rejection sampling, instruction evolution, "
+    "constitutional feedback, repurposing.",
 )
 reward_app = typer.Typer(
     no_args_is_help=True, help="Reward models: train on preference pairs, score replies."

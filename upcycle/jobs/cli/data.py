@@ -80,24 +80,37 @@ def _curate(address: str | None, out_dir: Path, job: Callable[[], dict],
     )
 
 
-@data_app.command("filter")
-def data_filter(
-    out_dir: Path = typer.Argument(..., help="new folder: documents.jsonl, report.json"),
-    sources: list[Path] = typer.Argument(..., help="text / JSONL / Parquet files or folders"),
-    recipe: Path = typer.Option(..., help="YAML: filters: {RULE: {min: X, max: Y}, ...}"),
-    text_field: str = typer.Option("text", help="JSONL key or Parquet column holding the text"),
-    workers: int = typer.Option(1, help="Ray Data workers measuring documents"),
-    address: str = typer.Option(None, help=ADDRESS_HELP),
-) -> None:
-    """Drop documents that a heuristic quality rule rejects (Gopher's prose rules, StarCoder's
-    code rules); report.json gives each dropped document's reason. One MLflow run."""
-    from upcycle.curation.filters import Recipe
-    from upcycle.jobs.curate import run_filter
+def _recipe(path: Path | None):
+    """The recipe at PATH (a bad one fails before Ray starts), or an empty one."""
+    from upcycle.curation.recipe import Recipe
 
     try:
-        rules = Recipe.load(recipe)  # a bad recipe fails before Ray starts
+        return Recipe.load(path) if path else Recipe()
     except ConfigError as e:
         fail(str(e))
+
+
+RECIPE_HELP = "YAML curation recipe (examples/curation/stdlib-code.yaml)"
+SOURCES = typer.Argument(..., help="text / JSONL / Parquet files or folders")
+OUT = typer.Argument(..., help="new folder: documents.jsonl, report.json")
+TEXT_FIELD = typer.Option("text", help="JSONL key or Parquet column holding the text")
+
+
+@data_app.command("filter")
+def data_filter(
+    out_dir: Path = OUT,
+    sources: list[Path] = SOURCES,
+    recipe: Path = typer.Option(..., help=f"{RECIPE_HELP}: its filters section"),
+    text_field: str = TEXT_FIELD,
+    workers: int = typer.Option(1, help="Ray Data workers measuring (and model-scoring) documents"),
+    address: str = typer.Option(None, help=ADDRESS_HELP),
+) -> None:
+    """Drop documents that a quality rule rejects: Gopher's prose rules, StarCoder's code rules,
+    perplexity under a reference model, a reward model's score; report.json gives each dropped
+    document's reason. One MLflow run."""
+    from upcycle.jobs.curate import run_filter
+
+    rules = _recipe(recipe)
     _curate(
         address,
         out_dir,
@@ -109,17 +122,23 @@ def data_filter(
 
 @data_app.command("dedup")
 def data_dedup(
-    out_dir: Path = typer.Argument(..., help="new folder: documents.jsonl, report.json"),
-    sources: list[Path] = typer.Argument(..., help="text / JSONL / Parquet files or folders"),
-    text_field: str = typer.Option("text", help="JSONL key or Parquet column holding the text"),
-    threshold: float = typer.Option(0.7, help="estimated Jaccard of word 5-grams that joins"),
+    out_dir: Path = OUT,
+    sources: list[Path] = SOURCES,
+    threshold: float = typer.Option(
+        None, help="estimated Jaccard of word 5-grams that joins [default: the recipe's, or 0.7]"
+    ),
+    recipe: Path = typer.Option(None, help=f"{RECIPE_HELP}: its dedup section"),
+    text_field: str = TEXT_FIELD,
     workers: int = typer.Option(1, help="Ray Data workers computing signatures"),
     address: str = typer.Option(None, help=ADDRESS_HELP),
 ) -> None:
     """Drop exact and near-duplicate documents (MinHash LSH on Ray Data); each cluster keeps
     its first document. One MLflow run."""
+    from upcycle.curation.recipe import Dedup
     from upcycle.jobs.curate import run_dedup
 
+    if threshold is None:
+        threshold = (_recipe(recipe).dedup or Dedup()).threshold
     _curate(
         address,
         out_dir,
@@ -131,19 +150,30 @@ def data_dedup(
 
 @data_app.command("decontaminate")
 def data_decontaminate(
-    out_dir: Path = typer.Argument(..., help="new folder: documents.jsonl, report.json"),
-    sources: list[Path] = typer.Argument(..., help="text / JSONL / Parquet files or folders"),
+    out_dir: Path = OUT,
+    sources: list[Path] = SOURCES,
     against: list[str] = typer.Option(
-        ..., help="evaluation set: humaneval, a folder or text file (an item per file), JSONL"
+        None,
+        help="evaluation set: humaneval, a folder or text file (an item per file), JSONL "
+        "[default: the recipe's]",
     ),
-    ngram: int = typer.Option(13, help="words per n-gram (after normalisation)"),
-    text_field: str = typer.Option("text", help="JSONL key or Parquet column holding the text"),
+    ngram: int = typer.Option(None, help="words per n-gram [default: the recipe's, or 13]"),
+    recipe: Path = typer.Option(None, help=f"{RECIPE_HELP}: its decontaminate section"),
+    text_field: str = typer.Option(
+        "text",
+        help="JSONL key or Parquet column holding the text: `messages` or `prompt` "
+        "for SFT / DPO / RLHF files (every message's content)",
+    ),
     workers: int = typer.Option(1, help="Ray Data workers checking documents"),
     address: str = typer.Option(None, help=ADDRESS_HELP),
 ) -> None:
-    """Drop documents that share an n-gram with an evaluation set; report.json lists the hits
-    per set and item. One MLflow run."""
+    """Drop documents (or SFT / DPO / RLHF records) that share an n-gram with an evaluation
+    set; report.json lists the hits per set and item. One MLflow run."""
     from upcycle.jobs.curate import run_decontaminate
+
+    section = _recipe(recipe).decontaminate
+    against = against or (list(section.against) if section else [])
+    ngram = ngram or (section.ngram if section else 13)
 
     def hits(r: dict) -> str:
         found = ", ".join(f"{name}: {len(items)} items" for name, items in r["hits"].items())
@@ -156,3 +186,31 @@ def data_decontaminate(
                                   text_field=text_field, workers=workers),
         hits,
     )  # fmt: skip
+
+
+@data_app.command("curate")
+def data_curate(
+    out_dir: Path = typer.Argument(..., help="new folder: a folder per step"),
+    sources: list[Path] = SOURCES,
+    recipe: Path = typer.Option(..., help=f"{RECIPE_HELP}: filters, dedup, decontaminate"),
+    text_field: str = TEXT_FIELD,
+    workers: int = typer.Option(1, help="Ray Data workers"),
+    address: str = typer.Option(None, help=ADDRESS_HELP),
+) -> None:
+    """Run a recipe's sections in order (filter -> dedup -> decontaminate), each step reading
+    the last one's documents into OUT/STEP; run again, it continues where it stopped. One MLflow
+    run per step."""
+    from upcycle.jobs.curate import run_curate
+    from upcycle.platform.cluster import ensure_ray
+
+    rules = _recipe(recipe)
+    try:
+        submit_if_remote(address)
+        ensure_ray()
+        steps = run_curate(sources, out_dir, recipe=rules, text_field=text_field,
+                           workers=workers)  # fmt: skip
+    except (ConfigError, ValueError, FileExistsError) as e:
+        fail(str(e))
+    counts = " -> ".join(f"{step} {r['documents_out']:,}" for step, r in steps)
+    console.print(f"{steps[0][1]['documents_in']:,} documents -> {counts} -> "
+                  f"{out_dir / steps[-1][0] / 'documents.jsonl'}")  # fmt: skip

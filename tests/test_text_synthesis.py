@@ -43,6 +43,19 @@ def test_instructions_are_read_from_every_prompt_format():
         instruction_of({"text": "no instruction"}, "f:3")
 
 
+def test_long_texts_are_cut_into_passages_of_whole_paragraphs():
+    from upcycle.dense.tokenizer import get_tokenizer
+    from upcycle.synthesis.repurpose import passages
+
+    paragraphs = [f"Paragraph {i}: " + "words go here " * (5 + i) for i in range(8)]
+    text = "\n\n".join(paragraphs)
+    assert passages(text, 10_000) == [text]
+    cut = passages(text, 60)
+    assert "\n\n".join(cut) == text and len(cut) > 2  # every paragraph once, in order
+    assert all(len(get_tokenizer().encode(p)) <= 60 for p in cut)
+    assert passages("one " * 100, 10) == ["one " * 100]  # a paragraph is never split
+
+
 def test_templates_and_principles_files_are_checked(tmp_path):
     from upcycle.synthesis.constitutional import load_principles
 
@@ -114,8 +127,9 @@ def test_evolve_constitutional_and_repurpose_write_what_training_reads(
     report = run_repurpose(str(text_model), [texts], tmp_path / "repurposed", run_name="repurpose",
                            **common)  # fmt: skip
     pairs = _lines(tmp_path / "repurposed" / "sft.jsonl")
-    assert {"source": f"{texts}:3", "reason": "text too long"} in report["dropped_items"]
-    assert len(pairs) + report["dropped"] == 3
+    assert {"source": f"{texts}:3", "passage": 0, "reason": "text too long"} in report[
+        "dropped_items"]  # fmt: skip
+    assert len(pairs) + report["dropped"] == report["inputs"] == 3
     assert all(p["messages"][1]["content"] == rows[int(p["source"].rsplit(":")[1]) - 1]["text"]
                for p in pairs)  # fmt: skip
 

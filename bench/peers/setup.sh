@@ -6,12 +6,14 @@
 #             torchcodec builds it pulls fail to load against that torch: they are removed.
 #   llamacpp  llama.cpp through llama-cpp-python 0.3.36, built from its sdist (~10 min on 2
 #             cores); the sdist's convert_hf_to_gguf.py + gguf-py turn an export-hf folder into GGUF.
-# Usage: bench/peers/setup.sh [vllm] [llamacpp]   (no argument: both)
+#   datatrove Hugging Face's datatrove 0.10.1, the peer of bench/curation.py (with what its
+#             MinHash and filter modules import that its wheel does not require)
+# Usage: bench/peers/setup.sh [vllm] [llamacpp] [datatrove]   (no argument: all three)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 peers=.peers
 want=("$@")
-[ ${#want[@]} -eq 0 ] && want=(vllm llamacpp)
+[ ${#want[@]} -eq 0 ] && want=(vllm llamacpp datatrove)
 for peer in "${want[@]}"; do
   case "$peer" in
     vllm)
@@ -33,6 +35,12 @@ for peer in "${want[@]}"; do
       "$peers/llamacpp/bin/pip" install -q "$peers/llamacpp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py"
       "$peers/llamacpp/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
       ;;
-    *) echo "unknown peer '$peer': vllm or llamacpp" >&2; exit 2 ;;
+    datatrove)
+      python3 -m venv "$peers/datatrove"
+      "$peers/datatrove/bin/pip" install -q --upgrade pip
+      "$peers/datatrove/bin/pip" install -q "datatrove==0.10.1" regex xxhash orjson tokenizers
+      "$peers/datatrove/bin/python" -c "import datatrove.pipeline.dedup; print('datatrove ok')"
+      ;;
+    *) echo "unknown peer '$peer': vllm, llamacpp or datatrove" >&2; exit 2 ;;
   esac
 done

@@ -94,7 +94,7 @@ def _hits(batch: dict, index_ref) -> dict:
 
 @dataclass
 class Decontaminated:
-    kept: list[dict]  # document rows (documents.COLUMNS)
+    kept: list[dict]  # rows of documents.COLUMNS
     report: dict  # evaluation set -> item -> ids of the documents that share an n-gram with it
 
     @property
@@ -103,7 +103,7 @@ class Decontaminated:
 
 
 def decontaminate(docs: ray.data.Dataset, index: Index, *, workers: int = 1) -> Decontaminated:
-    """`docs` (document rows (documents.COLUMNS)) without those that share an n-gram with `index`."""
+    """`docs` (rows of documents.COLUMNS) without those that share an n-gram with `index`."""
     checked = docs.map_batches(
         _hits,
         batch_size=16,

@@ -18,6 +18,7 @@ the pairwise checks run as Ray Data operators; only the edges come back to the d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 
@@ -33,7 +34,7 @@ SEED = 1
 
 @dataclass
 class DedupResult:
-    kept: list[dict]  # document rows (documents.COLUMNS)
+    kept: list[dict]  # rows of documents.COLUMNS
     clusters: list[dict] = field(default_factory=list)  # {kept, dropped: [{id, jaccard}]}
 
     @property
@@ -88,19 +89,39 @@ def _group_edges(group: dict, threshold: float) -> dict:
             "jaccard": np.array(jac, dtype=np.float64)}  # fmt: skip
 
 
+@contextlib.contextmanager
+def _sort_shuffle():
+    """Datasets made and run inside group by Ray Data's sort-based (map/reduce task) shuffle. Ray
+    2.60's default, SHUFFLE_V2, starts aggregator actors for every groupby: 0.2-3.2 s a job on
+    the stdlib corpus against the sort shuffle's steady 0.3 s (bench/curation.py's corpus, 2
+    cores); the sort shuffle is Ray Data's long-standing scalable path."""
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
+
+    context = DataContext.get_current()
+    before = context.shuffle_strategy
+    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        yield
+    finally:
+        context.shuffle_strategy = before
+
+
 def deduplicate(docs: ray.data.Dataset, *, threshold: float = 0.7, workers: int = 1) -> DedupResult:
-    """Documents `docs` (document rows (documents.COLUMNS), materialized: `documents.read_documents`)
+    """Documents `docs` (rows of documents.COLUMNS, materialized: `documents.read_documents`)
     without exact or near duplicates."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold: must be in (0, 1], got {threshold}")
-    sigs = docs.map_batches(
-        _signatures, batch_size=64, compute=ray.data.TaskPoolStrategy(size=workers)
-    )
-    edges = (
-        sigs.flat_map(_band_rows)
-        .groupby("key", num_partitions=max(1, workers))  # Ray's default, 200, idles here
-        .map_groups(_group_edges, fn_kwargs={"threshold": threshold}, batch_format="numpy")
-    )
+    with _sort_shuffle():
+        sigs = docs.map_batches(
+            _signatures, batch_size=64, compute=ray.data.TaskPoolStrategy(size=workers)
+        )
+        rows = (
+            sigs.flat_map(_band_rows)
+            .groupby("key", num_partitions=max(1, workers))  # Ray's default, 200, idles here
+            .map_groups(_group_edges, fn_kwargs={"threshold": threshold}, batch_format="numpy")
+            .take_all()
+        )
     parent: dict[str, str] = {}
 
     def root(x: str) -> str:
@@ -110,7 +131,7 @@ def deduplicate(docs: ray.data.Dataset, *, threshold: float = 0.7, workers: int 
         return x
 
     best: dict[str, float] = {}
-    for row in edges.iter_rows():
+    for row in rows:
         a, b = root(row["a"]), root(row["b"])
         best[row["b"]] = max(best.get(row["b"], 0.0), row["jaccard"])
         if a != b:

@@ -71,9 +71,9 @@ def ngram_hashes(tokens: list[str], n: int) -> set[int]:
 
 def read_documents(files: list[Path], text_field: str, workers: int = 1) -> ray.data.Dataset:
     """Rows {id, text, record, tokens}: one per text file, JSONL line or Parquet row (record:
-    the original JSONL line, or "" for a text file; tokens: its Qwen2 tokens, for the reports), materialized in blocks enough for `workers`
-    (one JSONL file would otherwise be one block, one worker). Fails on a row without
-    `text_field`."""
+    the original JSONL line, or "" for a text file; tokens: its Qwen2 tokens, for the reports),
+    materialized in blocks enough for `workers` (one JSONL file would otherwise be one block,
+    one worker). Fails on a row without `text_field`."""
     if all(f.stat().st_size == 0 for f in files):
         raise ConfigError("sources", "every input file is empty: no documents")
     items = [{"path": str(f)} for f in files]

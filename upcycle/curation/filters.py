@@ -131,8 +131,9 @@ def apply(
     docs, recipe, checkpoints: dict[str, Path], *, workers: int = 1
 ) -> tuple[list[dict], dict[str, str], dict[str, list[float]]]:
     """(kept rows, dropped id -> reason, rule -> the scores of the documents it scored) of Ray
-    Data document rows (documents.COLUMNS) under a `recipe.Recipe`: its heuristic rules, then each model
-    rule (model_scores.py) with its checkpoint from `checkpoints`, on the documents still in."""
+    Data rows of documents.COLUMNS under a `recipe.Recipe`: its heuristic rules, then each
+    model rule (model_scores.py) with its checkpoint from `checkpoints`, on the documents still
+    in."""
     import ray
 
     from upcycle.curation.model_scores import DocumentScorer

@@ -108,21 +108,33 @@ def run_constitutional(model: str, instructions: Path, out: Path, *, principles:
 
 
 def run_repurpose(model: str, sources: list[Path], out: Path, *, spec: GenerateSpec,
-                  text_field: str = "text", lengths: Lengths = DEFAULT_LENGTHS, workers: int = 1,
+                  text_field: str = "text", passage_tokens: int | None = None,
+                  lengths: Lengths = DEFAULT_LENGTHS, workers: int = 1,
                   engine: dict | None = None, tracking_uri: str | None = None,
                   run_name: str | None = None) -> dict:  # fmt: skip
-    """OUT/sft.jsonl: an instruction written for each text, the text its response
-    (upcycle.synthesis.repurpose)."""
+    """OUT/sft.jsonl: an instruction written for each passage of each text, the passage its
+    response (upcycle.synthesis.repurpose). `passage_tokens` None: what the context holds
+    beside the template and `max_tokens`."""
     from upcycle.curation.documents import expand_sources, id_order, read_documents
     from upcycle.platform.cluster import ensure_ray
-    from upcycle.synthesis.repurpose import repurpose
+    from upcycle.synthesis.repurpose import TEMPLATE, repurpose
 
     files = expand_sources(sources)
     writer = _writer(model, spec, lengths, out, workers=workers, engine=engine or {})
+    if passage_tokens is None:
+        from upcycle.synthesis.generation import prompt_ids
+
+        template = len(prompt_ids({"prompt": [{"role": "user", "content": TEMPLATE}]}))
+        passage_tokens = writer.runner["max_model_len"] - spec.max_tokens - template
+    if passage_tokens < 1:
+        raise ValueError(f"passage_tokens: must be >= 1, got {passage_tokens} (the context "
+                         "holds no passage beside the template and max_tokens)")  # fmt: skip
     ensure_ray()
     began = time.perf_counter()
     rows = sorted(read_documents(files, text_field).take_all(), key=lambda r: id_order(r["id"]))
-    done = repurpose(writer, [(r["id"], r["text"]) for r in rows], lengths=lengths)
-    params = {**_params(writer, files, lengths), "files": len(files), "text_field": text_field}
+    done = repurpose(writer, [(r["id"], r["text"]) for r in rows], lengths=lengths,
+                     passage_tokens=passage_tokens)  # fmt: skip
+    params = {**_params(writer, files, lengths), "files": len(files), "text_field": text_field,
+              "passage_tokens": passage_tokens}  # fmt: skip
     return _finish("repurpose", out, {"sft.jsonl": done.sft}, done.dropped, done.inputs, params,
                    time.perf_counter() - began, tracking_uri, run_name)  # fmt: skip

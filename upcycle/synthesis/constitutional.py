@@ -69,8 +69,9 @@ def constitutional(writer: Writer, instructions: list[tuple[int, str]], principl
     fit = [i for i in range(len(instructions))
            if writer.fits(asks["follow"][i]) and writer.fits(asks["break"][i])]  # fmt: skip
     texts = [instructions[i][1] for i in fit]
-    follow = writer.reply([asks["follow"][i] for i in fit], salt=0)
-    broken = writer.reply([asks["break"][i] for i in fit], salt=1)
+    # both replies of every instruction in one call: one actor pool, one model load
+    both = writer.reply([asks["follow"][i] for i in fit] + [asks["break"][i] for i in fit])
+    follow, broken = both[: len(fit)], both[len(fit) :]
     if revise:
         follow = _revised(writer, rules, texts, follow)
     replies = {i: (f, b) for i, f, b in zip(fit, follow, broken, strict=True)}
@@ -101,9 +102,9 @@ def _revised(writer: Writer, rules: str, texts: list[str], replies: list[str]) -
     critique = [user(_CRITIQUE.format(rules=rules, instruction=t, reply=r))
                 for t, r in zip(texts, replies, strict=True)]  # fmt: skip
     ok = [i for i, c in enumerate(critique) if writer.fits(c)]
-    critiques = dict(zip(ok, writer.reply([critique[i] for i in ok], salt=2), strict=True))
+    critiques = dict(zip(ok, writer.reply([critique[i] for i in ok], salt=1), strict=True))
     revise = {i: user(_REVISE.format(rules=rules, instruction=texts[i], reply=replies[i],
                                      critique=c)) for i, c in critiques.items()}  # fmt: skip
     ok = [i for i, r in revise.items() if writer.fits(r)]
-    revised = dict(zip(ok, writer.reply([revise[i] for i in ok], salt=3), strict=True))
+    revised = dict(zip(ok, writer.reply([revise[i] for i in ok], salt=2), strict=True))
     return [revised.get(i, r) for i, r in enumerate(replies)]

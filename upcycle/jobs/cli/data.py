@@ -169,11 +169,16 @@ def data_decontaminate(
 ) -> None:
     """Drop documents (or SFT / DPO / RLHF records) that share an n-gram with an evaluation
     set; report.json lists the hits per set and item. One MLflow run."""
+    from upcycle.curation.decontaminate import check_sets
     from upcycle.jobs.curate import run_decontaminate
 
     section = _recipe(recipe).decontaminate
     against = against or (list(section.against) if section else [])
     ngram = ngram or (section.ngram if section else 13)
+    try:
+        check_sets(against)  # before Ray starts
+    except ConfigError as e:
+        fail(str(e))
 
     def hits(r: dict) -> str:
         found = ", ".join(f"{name}: {len(items)} items" for name, items in r["hits"].items())

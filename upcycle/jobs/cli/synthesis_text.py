@@ -122,6 +122,11 @@ def repurpose(
     out: Path = OUT,
     sources: list[Path] = typer.Argument(..., help="text / JSONL / Parquet files or folders"),
     text_field: str = typer.Option("text", help="JSONL key or Parquet column holding the text"),
+    passage_tokens: int = typer.Option(
+        None,
+        help="longer texts are cut into passages of whole paragraphs [default: what the "
+        "context holds beside the prompt and --max-tokens]",
+    ),
     temperature: float = TEMPERATURE,
     top_p: float = TOP_P,
     max_tokens: int = typer.Option(64, help="tokens per written instruction"),
@@ -133,11 +138,14 @@ def repurpose(
     run_name: str = RUN_NAME,
     address: str = ADDRESS,
 ) -> None:
-    """Data repurposing: write the instruction each text answers; OUT/sft.jsonl pairs it with
-    the text as the response."""
+    """Data repurposing: write the instruction each text (or passage of a long one) answers;
+    OUT/sft.jsonl pairs it with the text as the response."""
     from upcycle.jobs.synthesize_text import run_repurpose
 
     report = _run(
-        lambda common: run_repurpose(model, sources, out, text_field=text_field, **common), locals()
+        lambda common: run_repurpose(
+            model, sources, out, text_field=text_field, passage_tokens=passage_tokens, **common
+        ),
+        locals(),
     )
     console.print(f"{report['sft']} SFT conversations -> {out / 'sft.jsonl'}")

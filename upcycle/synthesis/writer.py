@@ -21,8 +21,13 @@ import yaml
 
 from upcycle.config import ConfigError
 from upcycle.curation.documents import words
-from upcycle.synthesis.generation import GENERATE_LENGTH, GROUP, GenerateSpec, SampleGenerator
-from upcycle.synthesis.generation import prompt_ids as _prompt_ids
+from upcycle.synthesis.generation import (
+    GENERATE_LENGTH,
+    GROUP,
+    GenerateSpec,
+    SampleGenerator,
+    prompt_ids,
+)
 from upcycle.synthesis.pool import map_groups
 from upcycle.training.data import DataError
 
@@ -101,6 +106,8 @@ def user(text: str, system: str | None = None) -> list[dict]:
 
 @dataclass(frozen=True)
 class Writer:
+    """A resolved model and engine settings, and the sampling every reply uses."""
+
     ckpt: Path
     runner: dict  # RunnerConfig fields
     spec: GenerateSpec
@@ -128,7 +135,7 @@ class Writer:
         """ValueError ("field: why") if the engine cannot take `record` ({"prompt": ...})."""
         from upcycle.deploy.engine.batching import check_request
 
-        check_request(_prompt_ids(record), self.spec.params(index, 0),
+        check_request(prompt_ids(record), self.spec.params(index, 0),
                       max_model_len=self.runner["max_model_len"],
                       vocab_limit=self.vocab_limit)  # fmt: skip
 

@@ -174,7 +174,8 @@ def data_decontaminate(
 
     section = _recipe(recipe).decontaminate
     against = against or (list(section.against) if section else [])
-    ngram = ngram or (section.ngram if section else 13)
+    if ngram is None:
+        ngram = section.ngram if section else 13
     try:
         check_sets(against)  # before Ray starts
     except ConfigError as e:

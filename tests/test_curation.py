@@ -189,8 +189,16 @@ def test_filter_job_writes_kept_documents_and_each_drops_reason(ray_cluster, tmp
     assert report["dropped_by_rule"] == {"max_line_length": 1, "word_count": 1}
     assert report["dropped_documents"][0] == {
         "id": f"{tmp_path / 'in.jsonl'}:2", "reason": "word_count 2 < min 5"}  # fmt: skip
+    from mlflow import MlflowClient
+
     from upcycle.dense.tokenizer import get_tokenizer
 
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("upcycle").experiment_id
+    (run,) = client.search_runs([experiment], "attributes.run_name = 'filter-out'")
+    (read,) = run.inputs.dataset_inputs  # the lineage: what the run read
+    assert json.loads(read.dataset.source) == {"uris": [str(tmp_path / "in.jsonl")]}
+    assert read.dataset.name == "in.jsonl" and len(read.dataset.digest) == 16
     tokens = [len(get_tokenizer().encode(r["text"])) for r in lines]
     assert (report["tokens_in"], report["tokens_out"]) == (sum(tokens), tokens[0])
     # a whole recipe: each step reads the last one's documents; a second run redoes nothing

@@ -137,6 +137,9 @@ def test_evolve_constitutional_and_repurpose_write_what_training_reads(
     runs = mlflow.search_runs(experiment_names=["upcycle"], output_format="list")
     assert {r.info.run_name: r.data.tags["kind"] for r in runs} == {
         "evolve": "synthesis", "constitutional": "synthesis", "repurpose": "synthesis"}  # fmt: skip
+    (read,) = next(r for r in runs if r.info.run_name == "constitutional").inputs.dataset_inputs
+    assert json.loads(read.dataset.source)["uris"] == [str(instructions),
+                                                       str(EXAMPLES / "principles.yaml")]  # fmt: skip
     # bad input is refused before any actor starts
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match="empty.jsonl: no examples"):

@@ -57,11 +57,14 @@ def _counts(report: dict, seconds: float) -> dict:
     return {**{k: report[k] for k in keys}, "documents_per_s": report["documents_in"] / seconds}
 
 
-def _track(job: str, out: Path, params: dict, metrics: dict, tracking_uri: str | None,
-           run_name: str | None) -> None:  # fmt: skip
+def _track(job: str, files: list[Path], out: Path, params: dict, metrics: dict,
+           tracking_uri: str | None, run_name: str | None) -> None:  # fmt: skip
+    """The job's MLflow run: the input files as its dataset input (lineage) and params."""
     track_job("curation", run_name or f"{job}-{Path(out).name}",
-              params={**params, "out": Path(out).absolute()}, metrics=metrics,
-              artifacts=[Path(out) / REPORT], tracking_uri=tracking_uri)  # fmt: skip
+              params={"sources": [str(f) for f in files][:100], "files": len(files), **params,
+                      "out": Path(out).absolute()},
+              metrics=metrics, inputs=files, artifacts=[Path(out) / REPORT],
+              tracking_uri=tracking_uri)  # fmt: skip
 
 
 def run_filter(sources: list[Path], out: Path, *, recipe: Recipe, text_field: str = "text",
@@ -91,8 +94,7 @@ def run_filter(sources: list[Path], out: Path, *, recipe: Recipe, text_field: st
               "dropped_documents": [{"id": k, "reason": v} for k, v in sorted(dropped.items())]}  # fmt: skip
     report = _finish(out, kept, report)
     seconds = time.perf_counter() - began
-    _track("filter", out, {"sources": [str(f) for f in files][:100], "files": len(files),
-                           "recipe": json.dumps(report["recipe"]), "workers": workers},
+    _track("filter", files, out, {"recipe": json.dumps(report["recipe"]), "workers": workers},
            {**_counts(report, seconds), "dropped": len(dropped),
             **{f"dropped/{rule}": n for rule, n in per_rule.items()},
             **{f"{rule}/{q}": v for rule, qs in quantiles.items() for q, v in qs.items()}},
@@ -114,8 +116,7 @@ def run_dedup(sources: list[Path], out: Path, *, text_field: str = "text",
     report = {**counts, "dropped": result.dropped, "clusters": result.clusters}
     report = _finish(out, result.kept, report)
     seconds = time.perf_counter() - began
-    _track("dedup", out, {"sources": [str(f) for f in files][:100], "files": len(files),
-                          "threshold": threshold, "workers": workers},
+    _track("dedup", files, out, {"threshold": threshold, "workers": workers},
            {**_counts(report, seconds), "dropped_duplicates": result.dropped,
             "clusters": len(result.clusters)}, tracking_uri, run_name)  # fmt: skip
     return report | {"seconds": seconds}
@@ -139,8 +140,7 @@ def run_decontaminate(sources: list[Path], out: Path, *, against: list[str], ngr
     seconds = time.perf_counter() - began
     metrics = {**_counts(report, seconds), "dropped_contaminated": result.dropped,
                **{f"items_hit/{Path(k).name}": len(v) for k, v in result.report.items()}}  # fmt: skip
-    _track("decontaminate", out, {"sources": [str(f) for f in files][:100], "files": len(files),
-                                  "against": against, "ngram": ngram, "workers": workers},
+    _track("decontaminate", files, out, {"against": against, "ngram": ngram, "workers": workers},
            metrics, tracking_uri, run_name)  # fmt: skip
     return report | {"seconds": seconds}
 

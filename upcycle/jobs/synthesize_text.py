@@ -36,9 +36,10 @@ def read_instructions(path: Path) -> list[tuple[int, str]]:
 
 
 def _finish(job: str, out: Path, files: dict[str, list[dict]], dropped: list[dict],
-            inputs: int, params: dict, seconds: float, tracking_uri: str | None,
-            run_name: str | None) -> dict:  # fmt: skip
-    """Write OUT (files, report.json), track the run; the report."""
+            inputs: int, read: list[Path], params: dict, seconds: float,
+            tracking_uri: str | None, run_name: str | None) -> dict:  # fmt: skip
+    """Write OUT (files, report.json), track the run (`read`: the files the job read, its
+    lineage); the report."""
     reasons = Counter(d["reason"].split(":")[0] for d in dropped)
     report = {"inputs": inputs, **{name.split(".")[0]: len(rows) for name, rows in files.items()},
               "dropped": len(dropped), "dropped_by_reason": dict(sorted(reasons.items())),
@@ -51,7 +52,7 @@ def _finish(job: str, out: Path, files: dict[str, list[dict]], dropped: list[dic
     track_job("synthesis", run_name or f"{job}-{Path(out).name}",
               params={**params, "out": Path(out).absolute()},
               metrics={**counts, **{f"dropped/{k}": n for k, n in reasons.items()}},
-              artifacts=[Path(out) / REPORT], tracking_uri=tracking_uri)  # fmt: skip
+              inputs=read, artifacts=[Path(out) / REPORT], tracking_uri=tracking_uri)  # fmt: skip
     return report
 
 
@@ -82,7 +83,8 @@ def run_evolve(model: str, instructions: Path, out: Path, *, spec: GenerateSpec,
               "templates": str(templates) if templates else "default",
               "template_names": sorted(chosen)}  # fmt: skip
     return _finish("evolve", out, {"prompts.jsonl": done.kept}, done.dropped, done.inputs,
-                   params, time.perf_counter() - began, tracking_uri, run_name)  # fmt: skip
+                   [Path(instructions)], params, time.perf_counter() - began, tracking_uri,
+                   run_name)  # fmt: skip
 
 
 def run_constitutional(model: str, instructions: Path, out: Path, *, principles: Path,
@@ -103,8 +105,8 @@ def run_constitutional(model: str, instructions: Path, out: Path, *, principles:
     params = {**_params(writer, [instructions], lengths), "principles": Path(principles).absolute(),
               "revise": revise}  # fmt: skip
     return _finish("constitutional", out, {"sft.jsonl": done.sft, "dpo.jsonl": done.dpo},
-                   done.dropped, done.inputs, params, time.perf_counter() - began,
-                   tracking_uri, run_name)  # fmt: skip
+                   done.dropped, done.inputs, [Path(instructions), Path(principles)], params,
+                   time.perf_counter() - began, tracking_uri, run_name)  # fmt: skip
 
 
 def run_repurpose(model: str, sources: list[Path], out: Path, *, spec: GenerateSpec,
@@ -136,5 +138,5 @@ def run_repurpose(model: str, sources: list[Path], out: Path, *, spec: GenerateS
                      passage_tokens=passage_tokens)  # fmt: skip
     params = {**_params(writer, files, lengths), "files": len(files), "text_field": text_field,
               "passage_tokens": passage_tokens}  # fmt: skip
-    return _finish("repurpose", out, {"sft.jsonl": done.sft}, done.dropped, done.inputs, params,
-                   time.perf_counter() - began, tracking_uri, run_name)  # fmt: skip
+    return _finish("repurpose", out, {"sft.jsonl": done.sft}, done.dropped, done.inputs, files,
+                   params, time.perf_counter() - began, tracking_uri, run_name)  # fmt: skip

@@ -10,6 +10,7 @@ id is what a resumable, replayable log needs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 EVENTS = "events.jsonl"
@@ -81,6 +82,20 @@ class RunTracker:
         shutil.copyfile(path, self.dir / "artifacts" / name)
         self._append({"kind": "artifact", "file": name})
 
+    def log_input(self, files: list[Path], context: str = "input") -> None:
+        """The files a job read, as one MLflow dataset input (the run's lineage): named after the
+        first file, its source the paths (up to 100), its digest of every path, size and
+        modification time (not the contents: a corpus is large)."""
+        files = [Path(f).absolute() for f in files]
+        digest = hashlib.sha256()
+        for f in files:
+            stat = f.stat()
+            digest.update(f"{f}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        more = f" and {len(files) - 1} more" if len(files) > 1 else ""
+        self._append({"kind": "input", "name": f"{files[0].name}{more}",
+                      "digest": digest.hexdigest()[:16], "context": context,
+                      "source": json.dumps({"uris": [str(f) for f in files[:100]]})})  # fmt: skip
+
     def close(self, status: str = "FINISHED") -> bool:
         self._append({"kind": "end", "status": status})
         return self.flush(force=True)
@@ -107,10 +122,11 @@ class RunTracker:
 
 
 def track_job(kind: str, run_name: str, *, params: dict[str, Any], metrics: dict[str, float],
-              artifacts: list[Path] = (), tracking_uri: str | None = None,
-              experiment: str = "upcycle") -> None:  # fmt: skip
+              inputs: list[Path] = (), artifacts: list[Path] = (),
+              tracking_uri: str | None = None, experiment: str = "upcycle") -> None:  # fmt: skip
     """One MLflow run for a job that runs once, start to end (curation, synthesis): its params,
-    a `kind` tag, its metrics at step 0 and its artifacts."""
+    a `kind` tag, the files it read as a dataset input, its metrics at step 0 and its
+    artifacts."""
     import tempfile
 
     tracker = RunTracker(
@@ -121,6 +137,8 @@ def track_job(kind: str, run_name: str, *, params: dict[str, Any], metrics: dict
     )
     tracker.log_params(params)
     tracker.set_tags({"kind": kind})
+    if inputs:
+        tracker.log_input(list(inputs))
     tracker.log_metrics(0, metrics)
     for path in artifacts:
         tracker.log_artifact(Path(path))
@@ -225,5 +243,9 @@ def _send(client: MlflowClient, run_id: str, spool: Path, event: dict) -> None:
         client.log_artifact(
             run_id, str(spool / "artifacts" / event["file"]), None if folder == "." else folder
         )
+    elif kind == "input":
+        dataset = Dataset(event["name"], event["digest"], "local", event["source"])
+        tags = [InputTag("mlflow.data.context", event["context"])]
+        client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
     elif kind == "end":
         client.set_terminated(run_id, event["status"])

@@ -115,9 +115,9 @@ def test_evolve_constitutional_and_repurpose_write_what_training_reads(
         # the principles' system prompt is not in the data
         assert [m["role"] for m in conversation["messages"]] == ["user", "assistant"]
         assert pair["prompt"] == conversation["messages"][:1] and pair["chosen"] != pair["rejected"]
-    if sft:
-        PackedConversations(tmp_path / "const" / "sft.jsonl", seq_length=256, seed=0)
-        PreferencePairs(tmp_path / "const" / "dpo.jsonl", seq_length=256)
+    assert sft  # seeded: some pairs pass the filters, and training reads them
+    PackedConversations(tmp_path / "const" / "sft.jsonl", seq_length=256, seed=0)
+    PreferencePairs(tmp_path / "const" / "dpo.jsonl", seq_length=256)
 
     texts = tmp_path / "texts.jsonl"
     rows = [{"text": "A queue is first in, first out; a stack is last in, first out."},

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import sysconfig
 from pathlib import Path
 
@@ -189,6 +190,11 @@ def test_filter_job_writes_kept_documents_and_each_drops_reason(ray_cluster, tmp
     assert report["dropped_by_rule"] == {"max_line_length": 1, "word_count": 1}
     assert report["dropped_documents"][0] == {
         "id": f"{tmp_path / 'in.jsonl'}:2", "reason": "word_count 2 < min 5"}  # fmt: skip
+    (tmp_path / "bad.jsonl").write_text(json.dumps(lines[0]) + '\n{"text": cut\n')
+    with pytest.raises(ConfigError) as raised:  # from a Ray worker: ray's RayTaskError(ConfigError)
+        run_filter([tmp_path / "bad.jsonl"], tmp_path / "bad", recipe=recipe)
+    assert re.match(r"sources: .*bad.jsonl:2 is not a JSON record", str(raised.value.cause))
+    assert not (tmp_path / "bad").exists()
     from mlflow import MlflowClient
 
     from upcycle.dense.tokenizer import get_tokenizer
@@ -331,6 +337,8 @@ def test_bad_input_is_named_before_any_work(tmp_path):
     (tmp_path / "taken" / "x").write_text("x")
     with pytest.raises(FileExistsError, match="choose a new output folder"):
         run_dedup([tmp_path / "a.txt"], tmp_path / "taken")
+    with pytest.raises(FileExistsError, match="a.txt is a file; the output is a folder"):
+        run_dedup([tmp_path / "a.txt"], tmp_path / "a.txt")
     only_dedup = Recipe.from_dict({"dedup": {}})
     with pytest.raises(ConfigError, match="^filters: the recipe has no filters section"):
         run_filter([tmp_path / "a.txt"], tmp_path / "o6", recipe=only_dedup)

@@ -189,7 +189,7 @@ def test_killed_worker_restarts_from_last_checkpoint_with_same_final_loss(
 ):
     base, _, _ = references["tiny-dense"]
     steps = 24
-    train_cfg = dataclasses.replace(TRAIN, steps=steps, save_interval=4)
+    train_cfg = dataclasses.replace(TRAIN, steps=steps, save_interval=4, keep_checkpoints=2)
     reference = dataclasses.replace(
         base, name="dense-24", train=train_cfg, tracking_dir=str(tmp_path / "ref-tracking")
     )
@@ -214,3 +214,7 @@ def test_killed_worker_restarts_from_last_checkpoint_with_same_final_loss(
     got = spooled_metrics(spool)
     assert got[steps]["loss"] == pytest.approx(want[steps]["loss"], rel=1e-5)
     assert_same_curve(got, want, steps=range(1, steps + 1))
+    # Only the newest two checkpoints stay, on Ray storage as in the local sink.
+    newest = ["step_0000020", "step_0000024"]
+    assert sorted(p.name for p in (tmp_path / job.name).glob("step_*")) == newest
+    assert sorted(p.name for p in (tmp_path / "ref" / "checkpoints").iterdir()) == newest

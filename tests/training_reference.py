@@ -48,7 +48,7 @@ def reference_job(name: str, corpus, root, **model_changes) -> TrainJob:
 def run_locally(job: TrainJob, out) -> dict[int, dict[str, float]]:
     """Train `job` in this process; its per-step metrics."""
     with single_process():
-        train(job, LocalSink(out))
+        train(job, LocalSink(out, keep=job.train.keep_checkpoints))
     return spooled_metrics(job.tracking_dir)
 
 

@@ -33,6 +33,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     save_interval: int = 0  # 0: only at the end
+    keep_checkpoints: int = 0  # the newest N step checkpoints stay, older ones go; 0: all
     expert_load_interval: int = 50  # MoE: layers x experts token matrix artifact; 0: at the end
     log_interval: int = 0  # a console line every N steps; 0: about ten a job (MLflow: every step)
     stop_at_step: int = 0  # 0: run all `steps`
@@ -48,7 +49,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
         for name in (
-            "warmup_steps", "save_interval", "expert_load_interval", "log_interval",
+            "warmup_steps", "save_interval", "keep_checkpoints", "expert_load_interval", "log_interval",
             "stop_at_step", "clip_grad", "min_lr",
         ):  # fmt: skip
             if getattr(self, name) < 0:

@@ -19,10 +19,17 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import ray
 
 from upcycle.config import ConfigError
-from upcycle.curation.documents import COLUMNS, expand_sources, kind, ngram_hashes, words
+from upcycle.curation.documents import (
+    expand_sources,
+    kept_in_id_order,
+    kind,
+    ngram_hashes,
+    words,
+)
 
 NGRAM = 13
 _ITEM_FIELDS = ("prompt", "text", "question", "problem", "completion", "canonical_solution",
@@ -82,19 +89,22 @@ class Index:
 
 
 def _hits(batch: dict, index_ref) -> dict:
+    """The batch's documents that share an n-gram with the index: {id, hits (JSON pairs)}."""
     index: Index = ray.get(index_ref) if isinstance(index_ref, ray.ObjectRef) else index_ref
-    hits = []
-    for text in batch["text"]:
+    ids, hits = [], []
+    for doc_id, text in zip(batch["id"], batch["text"], strict=True):
         found = {
             pair for h in ngram_hashes(words(text), index.n) for pair in index.grams.get(h, ())
         }
-        hits.append(json.dumps(sorted(found)))
-    return {**batch, "hits": hits}
+        if found:
+            ids.append(doc_id)
+            hits.append(json.dumps(sorted(found)))
+    return {"id": np.array(ids, dtype=object), "hits": np.array(hits, dtype=object)}
 
 
 @dataclass
 class Decontaminated:
-    kept: list[dict]  # rows of documents.COLUMNS
+    kept: ray.data.Dataset  # rows of documents.COLUMNS, in id order
     report: dict  # evaluation set -> item -> ids of the documents that share an n-gram with it
 
     @property
@@ -103,19 +113,22 @@ class Decontaminated:
 
 
 def decontaminate(docs: ray.data.Dataset, index: Index, *, workers: int = 1) -> Decontaminated:
-    """`docs` (rows of documents.COLUMNS) without those that share an n-gram with `index`."""
-    checked = docs.map_batches(
+    """`docs` (rows of documents.COLUMNS, materialized) without those that share an n-gram with
+    `index`; run it inside `documents.sort_shuffle()`. Only the hits come to the driver."""
+    found = docs.map_batches(
         _hits,
         batch_size=16,
         compute=ray.data.TaskPoolStrategy(size=workers),
         fn_kwargs={"index_ref": ray.put(index)},
-    )
-    kept, report = [], defaultdict(lambda: defaultdict(list))
-    for row in checked.iter_rows():
-        found = json.loads(row["hits"])
-        for name, item in found:
+    ).take_all()
+    report = defaultdict(lambda: defaultdict(list))
+    for row in found:
+        for name, item in json.loads(row["hits"]):
             report[name][item].append(row["id"])
-        if not found:
-            kept.append({k: row[k] for k in COLUMNS})
-    return Decontaminated(kept, {k: {i: sorted(v) for i, v in sorted(items.items())}
-                                 for k, items in sorted(report.items())})  # fmt: skip
+    return Decontaminated(
+        kept_in_id_order(docs, (row["id"] for row in found)),
+        {
+            k: {i: sorted(v) for i, v in sorted(items.items())}
+            for k, items in sorted(report.items())
+        },
+    )

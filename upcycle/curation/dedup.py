@@ -18,14 +18,13 @@ the pairwise checks run as Ray Data operators; only the edges come back to the d
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import ray
 
-from upcycle.curation.documents import id_order, words
+from upcycle.curation.documents import id_order, kept_in_id_order, words
 
 NUM_PERM, BANDS, ROWS = 128, 16, 8
 SHINGLE = 5  # words per shingle
@@ -34,7 +33,7 @@ SEED = 1
 
 @dataclass
 class DedupResult:
-    kept: list[dict]  # rows of documents.COLUMNS
+    kept: ray.data.Dataset  # rows of documents.COLUMNS, in id order
     clusters: list[dict] = field(default_factory=list)  # {kept, dropped: [{id, jaccard}]}
 
     @property
@@ -89,39 +88,20 @@ def _group_edges(group: dict, threshold: float) -> dict:
             "jaccard": np.array(jac, dtype=np.float64)}  # fmt: skip
 
 
-@contextlib.contextmanager
-def _sort_shuffle():
-    """Datasets made and run inside group by Ray Data's sort-based (map/reduce task) shuffle. Ray
-    2.60's default, SHUFFLE_V2, starts aggregator actors for every groupby: 0.2-3.2 s a job on
-    the stdlib corpus against the sort shuffle's steady 0.3 s (bench/curation.py's corpus, 2
-    cores); the sort shuffle is Ray Data's long-standing scalable path."""
-    from ray.data import DataContext
-    from ray.data.context import ShuffleStrategy
-
-    context = DataContext.get_current()
-    before = context.shuffle_strategy
-    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    try:
-        yield
-    finally:
-        context.shuffle_strategy = before
-
-
 def deduplicate(docs: ray.data.Dataset, *, threshold: float = 0.7, workers: int = 1) -> DedupResult:
     """Documents `docs` (rows of documents.COLUMNS, materialized: `documents.read_documents`)
-    without exact or near duplicates."""
+    without exact or near duplicates; run it inside `documents.sort_shuffle()`."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold: must be in (0, 1], got {threshold}")
-    with _sort_shuffle():
-        sigs = docs.map_batches(
-            _signatures, batch_size=64, compute=ray.data.TaskPoolStrategy(size=workers)
-        )
-        rows = (
-            sigs.flat_map(_band_rows)
-            .groupby("key", num_partitions=max(1, workers))  # Ray's default, 200, idles here
-            .map_groups(_group_edges, fn_kwargs={"threshold": threshold}, batch_format="numpy")
-            .take_all()
-        )
+    sigs = docs.map_batches(
+        _signatures, batch_size=64, compute=ray.data.TaskPoolStrategy(size=workers)
+    )
+    rows = (
+        sigs.flat_map(_band_rows)
+        .groupby("key", num_partitions=max(1, workers))  # Ray's default, 200, idles here
+        .map_groups(_group_edges, fn_kwargs={"threshold": threshold}, batch_format="numpy")
+        .take_all()
+    )
     parent: dict[str, str] = {}
 
     def root(x: str) -> str:
@@ -144,8 +124,7 @@ def deduplicate(docs: ray.data.Dataset, *, threshold: float = 0.7, workers: int 
                 {"id": doc_id, "jaccard": round(best.get(doc_id, 0.0), 4)}
             )
     dropped = {d["id"] for members in clusters.values() for d in members}
-    kept = [r for r in docs.iter_rows() if r["id"] not in dropped]
     return DedupResult(
-        kept=kept,
+        kept=kept_in_id_order(docs, dropped),
         clusters=[{"kept": k, "dropped": v} for k, v in sorted(clusters.items())],
     )

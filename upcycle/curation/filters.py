@@ -29,8 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle.curation.documents import COLUMNS
-
 _PUNCTUATION_END = (".", "!", "?", '"', "'", "\u201d")
 
 
@@ -129,11 +127,11 @@ def _verdicts(batch: dict, recipe) -> dict:
 
 def apply(
     docs, recipe, checkpoints: dict[str, Path], *, workers: int = 1
-) -> tuple[list[dict], dict[str, str], dict[str, list[float]]]:
-    """(kept rows, dropped id -> reason, rule -> the scores of the documents it scored) of Ray
-    Data rows of documents.COLUMNS under a `recipe.Recipe`: its heuristic rules, then each
-    model rule (model_scores.py) with its checkpoint from `checkpoints`, on the documents still
-    in."""
+) -> tuple[dict[str, str], dict[str, list[float]]]:
+    """(dropped id -> reason, rule -> the scores of the documents it scored) of Ray Data rows
+    of documents.COLUMNS under a `recipe.Recipe`: its heuristic rules, then each model rule
+    (model_scores.py) with its checkpoint from `checkpoints`, on the documents still in. Only
+    ids, reasons and scores come to the driver (`documents.kept_in_id_order` gives the rest)."""
     import ray
 
     from upcycle.curation.model_scores import DocumentScorer
@@ -152,13 +150,11 @@ def apply(
             fn_constructor_kwargs={"ckpt": str(checkpoints[rule.rule]), "rule": vars(rule)},
             num_cpus=1,
         )
-    kept, dropped, scores = [], {}, {rule.rule: [] for rule in recipe.models}
-    for row in checked.iter_rows():
+    dropped, scores = {}, {rule.rule: [] for rule in recipe.models}
+    for row in checked.select_columns(["id", "reason", *scores]).iter_rows():
         for name, values in scores.items():
             if row[name] == row[name]:  # not NaN: scored
                 values.append(float(row[name]))
         if row["reason"]:
             dropped[row["id"]] = row["reason"]
-        else:
-            kept.append({k: row[k] for k in COLUMNS})
-    return kept, dropped, scores
+    return dropped, scores

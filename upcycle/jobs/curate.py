@@ -1,8 +1,9 @@
 """`upcycle data filter`, `data dedup` and `data decontaminate`: every check (sources, recipe,
 evaluation sets, output folder, settings) before any Ray Data work, the work
-(upcycle.curation), the output folder (documents.jsonl for `data prepare`, report.json; whole
-or not at all) and one MLflow run with documents in and out, what was dropped and why, and the
-inputs' paths as lineage."""
+(upcycle.curation: only ids, reasons and scores come to the driver), the output folder
+(documents.jsonl for `data prepare`, streamed in id order from Ray Data's sort; report.json;
+whole or not at all) and one MLflow run with documents in and out, what was dropped and why,
+and the inputs' paths as lineage."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from upcycle.atomic import atomic_directory
 from upcycle.curation.documents import (
     DOCUMENTS,
     expand_sources,
+    kept_in_id_order,
     kind,
     read_documents,
+    sort_shuffle,
     write_documents,
 )
 from upcycle.curation.recipe import Recipe
@@ -30,6 +33,8 @@ REPORT = "report.json"
 def _check_out(out: Path, workers: int) -> None:
     if workers < 1:
         raise ValueError(f"workers: must be >= 1, got {workers}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise FileExistsError(f"{out} is a file; the output is a folder: choose a new one")
     if Path(out).exists() and any(Path(out).iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new output folder")
 
@@ -42,11 +47,11 @@ def _read(files: list[Path], text_field: str, workers: int):
     return docs, {"documents_in": docs.count(), "tokens_in": tokens}
 
 
-def _finish(out: Path, kept: list[dict], report: dict) -> dict:
-    """Write OUT (documents.jsonl, report.json), whole; the report with the output counts."""
-    report["tokens_out"] = sum(r["tokens"] for r in kept)
+def _finish(out: Path, kept, report: dict) -> dict:
+    """Write OUT, whole: documents.jsonl streamed from the Ray Dataset `kept` in its order, and
+    report.json; the report with the output counts."""
     with atomic_directory(out) as tmp:
-        report["documents_out"] = write_documents(kept, tmp / DOCUMENTS)
+        report |= write_documents(kept.iter_rows(), tmp / DOCUMENTS)
         (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")
     return report
 
@@ -67,6 +72,16 @@ def _track(job: str, files: list[Path], out: Path, params: dict, metrics: dict,
               tracking_uri=tracking_uri)  # fmt: skip
 
 
+def _filter_report(recipe: Recipe, dropped: dict[str, str], scores: dict[str, list]) -> dict:
+    """Counts per rule, every dropped document with its reason, the model rules' quantiles."""
+    per_rule = Counter(reason.split(" ", 1)[0] for reason in dropped.values())
+    quantiles = {rule: dict(zip(("p10", "median", "p90"), np.quantile(v, [0.1, 0.5, 0.9]).tolist(),
+                                strict=True)) for rule, v in scores.items() if v}  # fmt: skip
+    return {"dropped": len(dropped), "dropped_by_rule": dict(sorted(per_rule.items())),
+            "recipe": recipe.as_dict()["filters"], "scores": quantiles,
+            "dropped_documents": [{"id": k, "reason": v} for k, v in sorted(dropped.items())]}  # fmt: skip
+
+
 def run_filter(sources: list[Path], out: Path, *, recipe: Recipe, text_field: str = "text",
                workers: int = 1, tracking_uri: str | None = None,
                run_name: str | None = None) -> dict:  # fmt: skip
@@ -83,21 +98,16 @@ def run_filter(sources: list[Path], out: Path, *, recipe: Recipe, text_field: st
     files = expand_sources(sources)
     checkpoints = {m.rule: m.checkpoint() for m in recipe.models}  # a bad model fails here
     began = time.perf_counter()
-    docs, counts = _read(files, text_field, workers)
-    kept, dropped, scores = apply(docs, recipe, checkpoints, workers=workers)
-    per_rule = Counter(reason.split(" ", 1)[0] for reason in dropped.values())
-    quantiles = {rule: dict(zip(("p10", "median", "p90"), np.quantile(v, [0.1, 0.5, 0.9]).tolist(),
-                                strict=True)) for rule, v in scores.items() if v}  # fmt: skip
-    report = {**counts, "dropped": len(dropped),
-              "dropped_by_rule": dict(sorted(per_rule.items())),
-              "recipe": recipe.as_dict()["filters"], "scores": quantiles,
-              "dropped_documents": [{"id": k, "reason": v} for k, v in sorted(dropped.items())]}  # fmt: skip
-    report = _finish(out, kept, report)
+    with sort_shuffle():
+        docs, counts = _read(files, text_field, workers)
+        dropped, scores = apply(docs, recipe, checkpoints, workers=workers)
+        report = _finish(out, kept_in_id_order(docs, dropped),
+                         counts | _filter_report(recipe, dropped, scores))  # fmt: skip
     seconds = time.perf_counter() - began
     _track("filter", files, out, {"recipe": json.dumps(report["recipe"]), "workers": workers},
            {**_counts(report, seconds), "dropped": len(dropped),
-            **{f"dropped/{rule}": n for rule, n in per_rule.items()},
-            **{f"{rule}/{q}": v for rule, qs in quantiles.items() for q, v in qs.items()}},
+            **{f"dropped/{rule}": n for rule, n in report["dropped_by_rule"].items()},
+            **{f"{rule}/{q}": v for rule, qs in report["scores"].items() for q, v in qs.items()}},
            tracking_uri, run_name)  # fmt: skip
     return report | {"seconds": seconds}
 
@@ -111,10 +121,11 @@ def run_dedup(sources: list[Path], out: Path, *, text_field: str = "text",
     _check_out(out, workers)
     files = expand_sources(sources)
     began = time.perf_counter()
-    docs, counts = _read(files, text_field, workers)
-    result = deduplicate(docs, threshold=threshold, workers=workers)
-    report = {**counts, "dropped": result.dropped, "clusters": result.clusters}
-    report = _finish(out, result.kept, report)
+    with sort_shuffle():
+        docs, counts = _read(files, text_field, workers)
+        result = deduplicate(docs, threshold=threshold, workers=workers)
+        report = {**counts, "dropped": result.dropped, "clusters": result.clusters}
+        report = _finish(out, result.kept, report)
     seconds = time.perf_counter() - began
     _track("dedup", files, out, {"threshold": threshold, "workers": workers},
            {**_counts(report, seconds), "dropped_duplicates": result.dropped,
@@ -133,10 +144,11 @@ def run_decontaminate(sources: list[Path], out: Path, *, against: list[str], ngr
     files = expand_sources(sources)
     index = Index.build(against, ngram)  # a missing evaluation set fails here, before the work
     began = time.perf_counter()
-    docs, counts = _read(files, text_field, workers)
-    result = decontaminate(docs, index, workers=workers)
-    report = {**counts, "dropped": result.dropped, "ngram": ngram, "hits": result.report}
-    report = _finish(out, result.kept, report)
+    with sort_shuffle():
+        docs, counts = _read(files, text_field, workers)
+        result = decontaminate(docs, index, workers=workers)
+        report = {**counts, "dropped": result.dropped, "ngram": ngram, "hits": result.report}
+        report = _finish(out, result.kept, report)
     seconds = time.perf_counter() - began
     metrics = {**_counts(report, seconds), "dropped_contaminated": result.dropped,
                **{f"items_hit/{Path(k).name}": len(v) for k, v in result.report.items()}}  # fmt: skip

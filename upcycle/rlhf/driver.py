@@ -101,7 +101,7 @@ def fit(job: RlhfJob, *, num_workers: int, storage_path: Path, max_failures: int
             _worker, {"job": job.to_dict(), "engines": engines, "scorer": scorer},
             name=job.name, num_workers=num_workers,
             threads_per_worker=job.train.threads_per_worker, storage_path=storage_path,
-            max_failures=max_failures,
+            max_failures=max_failures, keep_checkpoints=job.train.keep_checkpoints,
         )  # fmt: skip
         return trainer.fit()
     finally:

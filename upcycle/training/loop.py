@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,10 +43,12 @@ from upcycle.training.step import RankTrainer, Sink
 
 
 class LocalSink:
-    """Checkpoints under `out/checkpoints/step_NNNNNNN` in one process (no Ray)."""
+    """Checkpoints under `out/checkpoints/step_NNNNNNN` in one process (no Ray); after each save
+    only the newest `keep` stay (0: all), as Ray Train's `CheckpointConfig.num_to_keep` does."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, keep: int = 0):
         self.root = Path(out) / "checkpoints"
+        self.keep = keep
 
     def resume_from(self) -> Path | None:
         return newest_valid(sorted(self.root.glob("step_*[0-9]")), set_aside=True)
@@ -53,6 +56,9 @@ class LocalSink:
     def save(self, step: int, metrics: dict, write: Callable[[Path], None]) -> None:
         with atomic_directory(self.root / f"step_{step:07d}") as tmp:
             write(tmp)
+        if self.keep:
+            for old in sorted(self.root.glob("step_*[0-9]"))[: -self.keep]:
+                shutil.rmtree(old)
 
 
 def _data_params(samples: Samples) -> dict:

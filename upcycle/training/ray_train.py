@@ -122,9 +122,11 @@ def worker_group(
     threads_per_worker: int,
     storage_path: Path,
     max_failures: int,
+    keep_checkpoints: int = 0,
 ) -> TorchTrainer:
     """A Ray Train `TorchTrainer` running `fn(config)` on `num_workers` ranks (a GPU each where
-    CUDA is, else `threads_per_worker` CPUs), checkpoints under `storage_path/name`."""
+    CUDA is, else `threads_per_worker` CPUs), checkpoints under `storage_path/name`, the newest
+    `keep_checkpoints` of them kept (0: all)."""
     return TorchTrainer(
         functools.partial(_quiet_reports, fn),
         train_loop_config=config,
@@ -138,7 +140,7 @@ def worker_group(
             name=name,
             storage_path=str(storage_path),
             failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints or None),
             # Ray Train's INFO lines (each report's TrainingReport, each checkpoint's path, the
             # worker list) stay in its log files under the Ray session folder, off the console.
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -178,6 +180,6 @@ def fit(
     trainer = worker_group(
         _worker, job.to_dict(), name=job.name, num_workers=num_workers,
         threads_per_worker=job.train.threads_per_worker, storage_path=storage_path,
-        max_failures=max_failures,
+        max_failures=max_failures, keep_checkpoints=job.train.keep_checkpoints,
     )  # fmt: skip
     return trainer.fit()

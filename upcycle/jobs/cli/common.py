@@ -50,7 +50,11 @@ def parse_dtype(name: str):
     return dtypes[name]
 
 
-def fail(message: str) -> None:
+def fail(message: str | BaseException) -> None:
+    """Print `message` (an exception: its text; one a Ray task raised: the task's own error,
+    without Ray's task header) and exit 2."""
+    if isinstance(message, BaseException):
+        message = str(getattr(message, "cause", None) or message)
     console.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(2)
 

@@ -73,7 +73,7 @@ def _curate(address: str | None, out_dir: Path, job: Callable[[], dict],
         ensure_ray()
         report = job()
     except (ConfigError, ValueError, FileExistsError) as e:
-        fail(str(e))
+        fail(e)
     console.print(
         f"{report['documents_in']:,} documents -> {report['documents_out']:,} "
         f"({detail(report)}) in {report['seconds']:.1f} s -> {out_dir}"

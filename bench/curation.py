@@ -5,8 +5,12 @@ shards, same workers (bench/peers/datatrove_peer.py, in .peers/datatrove: bench/
 datatrove), with the ratio.
 
     .venv/bin/python bench/curation.py [--repeats 3] [--workers 1 2] [--no-peer]
+                                       [--documents modules|paragraphs]
 
-The corpus is written once as 8 JSONL shards ({"text", "id"}) that both read. Each job reads
+The corpus is written once as 8 JSONL shards ({"text", "id"}) that both read: a document per
+module (168), or with `--documents paragraphs` per blank-line-separated block of five words or
+more (~16,000: the same 4.7 MB in documents the size of web paragraphs, where the per-document
+costs show rather than Ray's start-up). Each job reads
 the shards, computes (filter: the recipe's four heuristic rules; dedup: MinHash signatures, LSH
 band groups, union-find; decontaminate: 13-gram hashes against HumanEval's 164 problems) and
 writes its output; the time is the whole job (datatrove's: its executor's run of every stage),
@@ -35,12 +39,21 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER = ROOT / ".peers" / "datatrove" / "bin" / "python"
 
 
-def write_shards(folder: Path, shards: int = 8) -> list[Path]:
+def documents(unit: str) -> list[dict]:
+    """The stdlib corpus as rows {"text", "id"}: a module each, or a paragraph each."""
+    rows = [{"text": f.read_text(errors="replace"), "id": str(f)} for f in demo_corpus()]
+    if unit == "modules":
+        return rows
+    return [{"text": p, "id": f"{r['id']}#{n}"} for r in rows
+            for n, p in enumerate(r["text"].split("\n\n")) if len(p.split()) >= 5]  # fmt: skip
+
+
+def write_shards(folder: Path, unit: str, shards: int = 8) -> list[Path]:
     folder.mkdir(parents=True)
-    files = demo_corpus()
+    docs = documents(unit)
     paths = []
     for k in range(shards):
-        rows = [{"text": f.read_text(errors="replace"), "id": str(f)} for f in files[k::shards]]
+        rows = docs[k::shards]
         paths.append(folder / f"part{k}.jsonl")
         paths[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return paths
@@ -61,13 +74,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--no-peer", action="store_true", help="ours only")
+    parser.add_argument("--documents", choices=["modules", "paragraphs"], default="modules")
     args = parser.parse_args()
     if not args.no_peer and not PEER.exists():
         sys.exit(f"{PEER} is missing: run bench/peers/setup.sh datatrove, or pass --no-peer")
     ensure_ray()
     quiet_ray_data_console()
     root = Path(tempfile.mkdtemp(prefix="bench-curation-"))
-    files = write_shards(root / "shards")
+    files = write_shards(root / "shards", args.documents)
     uri = f"sqlite:///{root}/mlflow.db"
     recipe = Recipe.from_dict(STDLIB_RECIPE)
     jobs = {
@@ -77,7 +91,8 @@ def main() -> None:
             files, out, against=["humaneval"], workers=w, tracking_uri=uri
         ),
     }
-    print(f"{len(demo_corpus())} modules of the standard library's source in {len(files)} shards")
+    print(f"{len(documents(args.documents))} {args.documents} of the standard library's source "
+          f"in {len(files)} shards")  # fmt: skip
     for workers in args.workers:
         theirs = {} if args.no_peer else peer(root / "shards", workers, args.repeats)
         for name, job in jobs.items():

@@ -29,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 _PUNCTUATION_END = (".", "!", "?", '"', "'", "\u201d")
 
 
@@ -122,7 +124,10 @@ class Bound:
 
 
 def _verdicts(batch: dict, recipe) -> dict:
-    return {**batch, "reason": [recipe.reason(t) or "" for t in batch["text"]]}
+    """{id, reason ("" if kept)}, and the text where a model rule will read it."""
+    reasons = np.array([recipe.reason(t) or "" for t in batch["text"]], dtype=object)
+    return {"id": batch["id"], **({"text": batch["text"]} if recipe.models else {}),
+            "reason": reasons}  # fmt: skip
 
 
 def apply(
@@ -138,7 +143,7 @@ def apply(
 
     checked = docs.map_batches(
         _verdicts,
-        batch_size=32,
+        batch_size=256,
         compute=ray.data.TaskPoolStrategy(size=workers),
         fn_kwargs={"recipe": recipe},
     )
@@ -151,10 +156,10 @@ def apply(
             num_cpus=1,
         )
     dropped, scores = {}, {rule.rule: [] for rule in recipe.models}
-    for row in checked.select_columns(["id", "reason", *scores]).iter_rows():
+    columns = ["id", "reason", *scores]
+    for batch in checked.select_columns(columns).iter_batches(batch_size=None):
         for name, values in scores.items():
-            if row[name] == row[name]:  # not NaN: scored
-                values.append(float(row[name]))
-        if row["reason"]:
-            dropped[row["id"]] = row["reason"]
+            values.extend(batch[name][~np.isnan(batch[name])].tolist())  # NaN: not scored
+        out = batch["reason"] != ""
+        dropped.update(zip(batch["id"][out].tolist(), batch["reason"][out].tolist(), strict=True))
     return dropped, scores

@@ -10,11 +10,10 @@ datatrove), with the ratio.
 The corpus is written once as 8 JSONL shards ({"text", "id"}) that both read: a document per
 module (168), or with `--documents paragraphs` per blank-line-separated block of five words or
 more (~16,000: the same 4.7 MB in documents the size of web paragraphs, where the per-document
-costs show rather than Ray's start-up). Each job reads
-the shards, computes (filter: the recipe's four heuristic rules; dedup: MinHash signatures, LSH
-band groups, union-find; decontaminate: 13-gram hashes against HumanEval's 164 problems) and
-writes its output; the time is the whole job (datatrove's: its executor's run of every stage),
-the median of `--repeats`. datatrove has no decontamination to compare here (its n-gram index
+costs show rather than Ray's start-up). Each job reads the shards, computes (filter: the
+recipe's four heuristic rules; dedup: MinHash signatures, LSH bucket parts, union-find;
+decontaminate: 13-gram hashes against HumanEval's 164 problems) and writes its output; the time
+is the whole job (datatrove's: its executor's run of every stage), the median of `--repeats`. datatrove has no decontamination to compare here (its n-gram index
 is built from lighteval tasks, a download).
 """
 

@@ -33,7 +33,7 @@ from upcycle.curation.documents import id_order, kept_in_id_order, words
 
 NUM_PERM, BANDS, ROWS = 128, 16, 8
 EXACT = BANDS  # the bucket "band" of the exact-copy hash, after the LSH bands 0..BANDS-1
-PART_ROWS = 200_000  # bucket rows (~0.6 KB each) a `_bucket_edges` call holds, about
+PART_ROWS = 200_000  # about this many bucket rows (~0.6 KB each) per `_bucket_edges` call
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 SHINGLE = 5  # words per shingle
 SEED = 1

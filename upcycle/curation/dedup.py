@@ -5,8 +5,9 @@ deduplication: each document's word 5-grams (after `documents.words`) go into a 
 MinHash (datasketch computes it); the signature is cut into 16 bands of 8 rows, and two
 documents whose band hashes agree in any band become a candidate pair. A candidate pair is
 kept as an edge when the share of equal signature rows (the estimated Jaccard similarity of
-their 5-gram sets) reaches `threshold`. Exact duplicates (the same normalised words) are edges
-too. Edges join documents into clusters (union-find on the driver: one edge per duplicate, far
+their 5-gram sets) reaches `threshold`. Exact duplicates (the same normalised words) have the
+same signature, so they share every band and estimate 1.0: no separate exact hash is needed.
+Edges join documents into clusters (union-find on the driver: one edge per duplicate, far
 fewer than documents), and each cluster keeps its smallest id (`documents.id_order`), so the
 result does not depend on the number of workers or the order of the input files.
 
@@ -17,13 +18,12 @@ the pairwise checks run as Ray Data operators; only the edges come back to the d
 
 The buckets are grouped in parts (a bucket's key modulo the number of parts, ~200,000 bucket
 rows a part), and each part finds its buckets with one sort (`_bucket_edges`): Ray Data's
-`groupby(key).map_groups` calls its function once per bucket, ~17 per document, which cost
+`groupby(key).map_groups` calls its function once per bucket, 16 per document, which cost
 15 s of an 18.8 s job on 16,455 stdlib paragraphs (bench/curation.py --documents paragraphs).
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +32,6 @@ import ray
 from upcycle.curation.documents import id_order, kept_in_id_order, words
 
 NUM_PERM, BANDS, ROWS = 128, 16, 8
-EXACT = BANDS  # the bucket "band" of the exact-copy hash, after the LSH bands 0..BANDS-1
 PART_ROWS = 200_000  # about this many bucket rows (~0.6 KB each) per `_bucket_edges` call
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 SHINGLE = 5  # words per shingle
@@ -56,18 +55,12 @@ def _shingles(tokens: list[str]) -> list[bytes]:
 
 def _signatures(batch: dict) -> dict:
     """A batch's MinHash signatures (`MinHash.bulk`: the permutations drawn once a batch, not
-    once a document, 3.6x faster on paragraph-sized documents; values are 32-bit) and the hash
-    of its normalised words (exact copies share it)."""
+    once a document, 3.5x faster on paragraph-sized documents; values are 32-bit)."""
     from datasketch import MinHash
 
-    tokens = [words(text) for text in batch["text"]]
-    sigs = MinHash.bulk([_shingles(t) for t in tokens], num_perm=NUM_PERM, seed=SEED)
-    exact = [hashlib.blake2b(" ".join(t).encode(), digest_size=8).digest() for t in tokens]
-    return {
-        "id": batch["id"],
-        "exact": np.frombuffer(b"".join(exact), dtype=np.int64),
-        "sig": np.stack([m.hashvalues.astype(np.uint32) for m in sigs]),
-    }
+    shingles = [_shingles(words(text)) for text in batch["text"]]
+    sigs = MinHash.bulk(shingles, num_perm=NUM_PERM, seed=SEED)
+    return {"id": batch["id"], "sig": np.stack([m.hashvalues.astype(np.uint32) for m in sigs])}
 
 
 def _band_keys(sig: np.ndarray) -> np.ndarray:
@@ -82,15 +75,14 @@ def _band_keys(sig: np.ndarray) -> np.ndarray:
 
 
 def _buckets(batch: dict, parts: int) -> dict:
-    """Every document once per bucket: a row per LSH band (band 0..BANDS-1, its key) and one
-    for its exact hash (band EXACT), with its id and signature; `part`, the key modulo `parts`,
-    is what the buckets are grouped by."""
+    """Every document once per LSH band: {part, band, key, id, sig}; `part`, the key modulo
+    `parts`, is what the buckets are grouped by."""
     n = len(batch["id"])
-    keys = np.concatenate([_band_keys(batch["sig"]), batch["exact"][:, None]], axis=1).ravel()
-    rows = np.repeat(np.arange(n), BANDS + 1)
+    keys = _band_keys(batch["sig"]).ravel()
+    rows = np.repeat(np.arange(n), BANDS)
     return {
         "part": keys % parts,
-        "band": np.tile(np.arange(BANDS + 1), n),
+        "band": np.tile(np.arange(BANDS), n),
         "key": keys,
         "id": batch["id"][rows],
         "sig": batch["sig"][rows],
@@ -100,7 +92,7 @@ def _buckets(batch: dict, parts: int) -> dict:
 def _bucket_edges(part: dict, threshold: float) -> dict:
     """The edges of the buckets in one part: in each bucket (band, key) of two or more
     documents, its smallest id to every other member whose estimated Jaccard with it reaches
-    `threshold` (EXACT buckets: every member, Jaccard 1). Buckets are found by one lexsort of
+    `threshold`. Buckets are found by one lexsort of
     the part, so a part costs one call however many buckets it holds."""
     band, key = part["band"], part["key"]
     order = np.lexsort((key, band))
@@ -111,10 +103,7 @@ def _bucket_edges(part: dict, threshold: float) -> dict:
     for start, size in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
         members = sorted(order[start : start + size], key=lambda r: id_order(part["id"][r]))
         first, others = members[0], np.array(members[1:])
-        if band[start] == EXACT:
-            similar = np.ones(len(others))
-        else:
-            similar = (part["sig"][others] == part["sig"][first]).mean(axis=1)
+        similar = (part["sig"][others] == part["sig"][first]).mean(axis=1)
         for other, j in zip(others, similar, strict=True):
             if j >= threshold:
                 a.append(part["id"][first])
@@ -129,7 +118,7 @@ def deduplicate(docs: ray.data.Dataset, *, threshold: float = 0.7, workers: int 
     without exact or near duplicates; run it inside `documents.sort_shuffle()`."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold: must be in (0, 1], got {threshold}")
-    parts = max(workers, -(-docs.count() * (BANDS + 1) // PART_ROWS))
+    parts = max(workers, -(-docs.count() * BANDS // PART_ROWS))
     rows = (
         docs.map_batches(
             _signatures, batch_size=64, compute=ray.data.TaskPoolStrategy(size=workers)

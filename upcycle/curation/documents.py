@@ -172,19 +172,22 @@ def kept_in_id_order(docs: ray.data.Dataset, dropped: Iterable[str]) -> ray.data
 @contextlib.contextmanager
 def sort_shuffle():
     """Datasets made and run inside group and sort by Ray Data's sort-based (map/reduce task)
-    shuffle. Ray 2.60's default, SHUFFLE_V2, starts aggregator actors for every groupby: 0.2-3.2
-    s a job on the stdlib corpus against the sort shuffle's steady 0.3 s (bench/curation.py's
-    corpus, 2 cores); the sort shuffle is Ray Data's long-standing scalable path."""
+    shuffle, and keep their order when iterated. Ray 2.60's default, SHUFFLE_V2, starts
+    aggregator actors for every groupby: 0.2-3.2 s a job on the stdlib corpus against the sort
+    shuffle's steady 0.3 s (bench/curation.py's corpus, 2 cores). Order: Ray Data preserves it
+    only where a plan has a Zip, so the map after `kept_in_id_order`'s sort could hand its
+    blocks over out of order (a CI run wrote a file's row 1 last)."""
     from ray.data import DataContext
     from ray.data.context import ShuffleStrategy
 
     context = DataContext.get_current()
-    before = context.shuffle_strategy
+    before = context.shuffle_strategy, context.execution_options.preserve_order
     context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    context.execution_options.preserve_order = True
     try:
         yield
     finally:
-        context.shuffle_strategy = before
+        context.shuffle_strategy, context.execution_options.preserve_order = before
 
 
 def write_documents(rows: Iterable[dict], path: Path) -> dict:
